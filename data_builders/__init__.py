@@ -1,0 +1,1 @@
+"""Stages and helpers that build datasets: instructions, preferences."""

@@ -1,0 +1,1 @@
+"""RLHF alignment pipeline: runner, configs and CLI."""

@@ -1,0 +1,199 @@
+"""The pipeline's typed config: one section per stage plus `model`, `lora`, `wandb`.
+
+A config is a YAML file plus `key.sub=value` overrides from the command line. Unknown keys and
+wrong types are errors that name the file and the key (with a close-match suggestion).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rlhf.errors import UserError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-random-llama"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = EMBEDDED_MODEL
+    """A hub id, a local directory, or a reserved name: smollm2-135m-instruct (embedded), tiny-random-llama."""
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    """bitsandbytes quantization of the frozen backbone; 4bit = NF4 + double quant (QLoRA)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: bfloat16 on GPUs that support it, float32 otherwise."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    trust_remote_code: bool = False
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class WandbConfig(Section):
+    project: str = "rlhf-pipeline"
+    entity: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto: online when logged in (WANDB_API_KEY or ~/.netrc), offline otherwise. Never prompts."""
+
+
+class TeacherConfig(Section):
+    kind: Literal["local", "openai"] = "local"
+    model: str | None = None
+    """local: a hub id / directory / reserved name (default: model.name_or_path). openai: the served model's name."""
+    base_url: str | None = None
+    """openai: e.g. http://127.0.0.1:8000/v1 (vLLM, Ollama, llama.cpp server, OpenAI)."""
+    api_key_env: str | None = None
+    """openai: the NAME of the environment variable holding the API key; the key itself never goes in a config."""
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(192, gt=0)
+    batch_size: int = Field(16, gt=0)
+    timeout_s: float = Field(60, gt=0)
+    max_retries: int = Field(3, ge=0)
+
+
+class InstructionsConfig(Section):
+    seeds: str | None = None
+    """Seed file (.txt, .json, .jsonl); None = the seed set shipped with the package."""
+    expand: bool = True
+    """False: seeds pass straight through (outputs are generated only where a seed has none)."""
+    num_instructions: int = Field(200, gt=0)
+    """Target dataset size, seeds included."""
+    num_eval: int = Field(16, ge=1)
+    """Held-out instructions: the eval split, never trained on."""
+    examples_per_prompt: int = Field(4, ge=1)
+    max_rounds: int = Field(10, ge=1)
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(150, ge=1)
+    max_rouge: float = Field(0.7, gt=0, le=1)
+    teacher: TeacherConfig = TeacherConfig()
+
+
+class SFTConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    """> 0 overrides epochs."""
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(512, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    lr_scheduler: str = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    logging_steps: int = Field(5, gt=0)
+    save_steps: int = Field(50, gt=0)
+    gradient_checkpointing: bool = False
+
+
+class PipelineConfig(Section):
+    output_dir: str = "runs/default"
+    run_name: str | None = None
+    """wandb group; default: the config file's name."""
+    seed: int = 42
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    wandb: WandbConfig = WandbConfig()
+    instructions: InstructionsConfig = InstructionsConfig()
+    sft: SFTConfig = SFTConfig()
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    """Read a YAML config, apply `key.sub=value` overrides, validate, and fill defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config sections at the top level")
+    for override in overrides:
+        _apply_override(raw, override)
+    raw.setdefault("run_name", path.stem)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"{path}: {_describe(e.errors()[0])}") from None
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise UserError(f"override '{override}': expected key.sub=value")
+    _check_key_path(key)
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{override}': '{part}' is not a section")
+    node[leaf] = yaml.safe_load(value) if value.strip() else None
+
+
+def _check_key_path(key: str) -> None:
+    """Fail on an override naming a key that does not exist, with a close-match suggestion."""
+    model: type[BaseModel] = PipelineConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            raise UserError(f"override: unknown key '{key}'{_suggest(parts[:i], part, fields)}")
+        annotation = fields[part].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif i < len(parts) - 1:
+            raise UserError(f"override: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+
+
+def _suggest(parent: list[str], name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{'.'.join([*parent, close[0]])}'?)" if close else ""
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        fields = _fields_at(loc[:-1])
+        return f"unknown key '{key}'{_suggest(loc[:-1], loc[-1], fields)}"
+    return f"key '{key}': {error['msg']} (got {error.get('input')!r})"
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def get_key(config: PipelineConfig, key: str) -> Any:
+    """`get_key(cfg, "sft.learning_rate")` → the value, as plain data (sections become dicts)."""
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def to_yaml(config: PipelineConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

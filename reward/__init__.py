@@ -1,0 +1,1 @@
+"""Scoring responses: rubric judge, reward models."""

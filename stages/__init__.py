@@ -1,0 +1,1 @@
+"""Training stages: one file each, readable top to bottom."""

@@ -1,0 +1,64 @@
+"""Config loading: YAML + overrides, unknown keys with suggestions, wrong types, bad files."""
+
+import pytest
+import yaml
+
+from rlhf.config import PipelineConfig, load_config, to_yaml
+from rlhf.errors import UserError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def test_defaults_and_values(tmp_path):
+    config = load_config(write(tmp_path, "output_dir: out\nsft:\n  learning_rate: 1.0e-4\n"))
+    assert config.output_dir == "out" and config.sft.learning_rate == 1e-4
+    assert config.model.name_or_path == "smollm2-135m-instruct" and config.lora.r == 16
+    assert config.run_name == "cfg"  # defaults to the file's name
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    config = load_config(
+        write(tmp_path, "sft:\n  batch_size: 2\n"),
+        ["sft.batch_size=4", "lora.target_modules=[q_proj, v_proj]", "instructions.expand=false", "sft.learning_rate=3e-5"],
+    )
+    assert config.sft.batch_size == 4 and config.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.instructions.expand is False and config.sft.learning_rate == 3e-5
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(write(tmp_path, "lora:\n  r: 4\n"), ["instructions.teacher.kind=openai"])
+    again = PipelineConfig.model_validate(yaml.safe_load(to_yaml(config)))
+    assert again == config
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("sft:\n  learning_rat: 1\n", [], "cfg.yaml: unknown key 'sft.learning_rat' (did you mean 'sft.learning_rate'?)"),
+        ("lorra:\n  r: 1\n", [], "unknown key 'lorra' (did you mean 'lora'?)"),
+        ("instructions:\n  teacher:\n    kin: local\n", [], "unknown key 'instructions.teacher.kin' (did you mean 'instructions.teacher.kind'?)"),
+        ("", ["sft.bach_size=3"], "override: unknown key 'sft.bach_size' (did you mean 'sft.batch_size'?)"),
+        ("", ["sft.batch_size.x=3"], "'sft.batch_size' is a value, not a section"),
+        ("", ["sft.batch_size"], "expected key.sub=value"),
+        ("sft:\n  batch_size: many\n", [], "key 'sft.batch_size': Input should be a valid integer"),
+        ("model:\n  quantization: 3bit\n", [], "key 'model.quantization': Input should be 'none', '8bit' or '4bit'"),
+        ("lora:\n  r: 0\n", [], "key 'lora.r': Input should be greater than 0"),
+        ("- a\n- b\n", [], "expected a mapping of config sections"),
+        ("sft: [1\n", [], "cfg.yaml:2: invalid YAML"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path, text, overrides, message):
+    with pytest.raises(UserError) as error:
+        load_config(write(tmp_path, text), overrides)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_missing_and_non_utf8_files(tmp_path):
+    with pytest.raises(UserError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="cfg.yaml: not UTF-8"):
+        load_config(write(tmp_path, b"seed: 1\nrun_name: \xff\xfe\n"))
