@@ -23,7 +23,7 @@ from rlhf.data_builders.seeds import Seed, load_seeds
 from rlhf.errors import UserError
 from rlhf.runner import StageContext
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 NEW_TASK_PROMPT = (
     "Here are some example instructions that a user might give an AI assistant:\n\n{examples}\n\n"

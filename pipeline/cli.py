@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from rlhf.errors import UserError
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes warns at import that an optional CPU kernel package is absent; it falls back fine.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser = build_parser()
     # Overrides may follow options (`run CONFIG --only sft lora.r=32`): argparse leaves those over.
     args, leftover = parser.parse_known_args(argv)

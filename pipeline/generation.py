@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from rich.progress import Progress
+from tqdm.auto import tqdm
 
 Conversation = list[dict[str, str]]
 
@@ -34,8 +34,7 @@ def generate_chat(
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     device = next(model.parameters()).device
     try:
-        with Progress(transient=True) as progress:
-            task = progress.add_task(description, total=len(prompts))
+        with tqdm(total=len(prompts), desc=description, unit="prompt") as progress:
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
                 inputs = tokenizer(
@@ -56,7 +55,7 @@ def generate_chat(
                 new_tokens = output[:, inputs["input_ids"].shape[1] :]
                 for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                     replies[i] = text.strip()
-                progress.advance(task, len(batch))
+                progress.update(len(batch))
     finally:
         tokenizer.padding_side = padding_side
     return replies

@@ -19,7 +19,7 @@ from rlhf.models import load_causal_lm, load_tokenizer, peft_lora_config, pick_d
 from rlhf.runner import StageContext
 from rlhf.tracking import MetricsFile, MetricsFileCallback, start_wandb
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 def run(ctx: StageContext) -> dict:
@@ -53,7 +53,7 @@ def run(ctx: StageContext) -> dict:
         save_total_limit=2,
         eval_strategy="no",
         completion_only_loss=True,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        activation_checkpointing=settings.gradient_checkpointing,
         bf16=pick_dtype(config.model) == torch.bfloat16,
         use_cpu=pick_device(config.model) == "cpu",
         seed=config.seed,
