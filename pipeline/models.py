@@ -198,7 +198,19 @@ def load_causal_lm(path: str, model_config: ModelConfig, quantize: bool = True):
         raise UserError(f"model.name_or_path: cannot load '{path}': {_first_line(e)}") from None
     if quant is None:
         model.to(device)
+    elif device == "cpu":
+        _keep_4bit_layers_differentiable(model)
     return model
+
+
+def _keep_4bit_layers_differentiable(model) -> None:
+    """bitsandbytes repacks a 4-bit weight for a faster CPU kernel the first time its layer runs in
+    eval mode, and that kernel has no backward: every later training step would silently stop the
+    gradient at each 4-bit layer (only the last layers' adapters would learn). Keep the
+    differentiable path."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def peft_lora_config(lora: LoraConfig, task_type: str = "CAUSAL_LM"):

@@ -1,0 +1,39 @@
+"""Model loading: reserved names, unknown models, QLoRA on the CPU."""
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from rlhf.config import ModelConfig, LoraConfig
+from rlhf.errors import UserError
+from rlhf.models import load_causal_lm, load_tokenizer, peft_lora_config, resolve_model
+
+
+def test_tiny_model_is_deterministic(tmp_path, monkeypatch):
+    a = resolve_model("tiny-random-llama")
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path))
+    b = resolve_model("tiny-random-llama")
+    assert a != b
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "models" / "tiny-random-llama" / name).read_bytes() == open(f"{a}/{name}", "rb").read()
+
+
+def test_unknown_local_path_is_a_user_error():
+    with pytest.raises(UserError, match="model.name_or_path: './missing-model' is not a model directory"):
+        resolve_model("./missing-model")
+
+
+def test_qlora_gradients_reach_the_first_layer_after_an_eval_pass():
+    """An eval forward must not switch 4-bit layers to bitsandbytes' CPU kernel that has no backward."""
+    path = resolve_model("tiny-random-llama")
+    model = load_causal_lm(path, ModelConfig(name_or_path=path, quantization="4bit"))
+    model = get_peft_model(model, peft_lora_config(LoraConfig(r=4)))
+    ids = load_tokenizer(path)("write a short tip", return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        model(**ids)
+    model.train()
+    model(**ids, labels=ids["input_ids"]).loss.backward()
+    first_layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert "Linear4bit" in type(first_layer.base_layer).__name__
+    assert first_layer.lora_B["default"].weight.grad.abs().sum() > 0
