@@ -16,10 +16,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from rlhf.config import ModelConfig, PipelineConfig
+from rlhf.config import PipelineConfig
 from rlhf.dag import seeds_path
 from rlhf.data_builders.filters import InstructionFilter
 from rlhf.data_builders.seeds import Seed, load_seeds
+from rlhf.data_builders.teacher import build_teacher
 from rlhf.errors import UserError
 from rlhf.runner import StageContext
 
@@ -45,7 +46,7 @@ def run(ctx: StageContext) -> dict:
         seeds = rng.sample(seeds, settings.num_instructions)
     needs_teacher = settings.expand and len(seeds) < settings.num_instructions
     needs_teacher = needs_teacher or any(s.output is None for s in seeds)
-    teacher = make_teacher(config) if needs_teacher else None
+    teacher = build_teacher(settings.teacher, config.model) if needs_teacher else None
 
     # 2. Seeds without a reference output get the teacher's answer.
     examples = _answer_missing_outputs(seeds, teacher, config)
@@ -74,32 +75,6 @@ def run(ctx: StageContext) -> dict:
         f"train {len(train_rows)}, eval {len(eval_rows)}"
     )
     return {k: stats[k] for k in ("seeds", "candidates", "kept", "train", "eval")}
-
-
-def make_teacher(config: PipelineConfig):
-    from rlhf.data_builders.teacher import LocalTeacher, OpenAITeacher
-
-    teacher = config.instructions.teacher
-    if teacher.kind == "openai":
-        for key in ("base_url", "model"):
-            if not getattr(teacher, key):
-                raise UserError(f"instructions.teacher.{key}: required when instructions.teacher.kind is openai")
-        return OpenAITeacher(
-            base_url=teacher.base_url,
-            model=teacher.model,
-            api_key_env=teacher.api_key_env,
-            timeout_s=teacher.timeout_s,
-            max_retries=teacher.max_retries,
-        )
-    name = teacher.model or config.model.name_or_path
-    # The teacher only generates: full precision, no adapters, whatever the pipeline's quantization.
-    model_config = ModelConfig(
-        name_or_path=name,
-        dtype=config.model.dtype,
-        device=config.model.device,
-        trust_remote_code=config.model.trust_remote_code,
-    )
-    return LocalTeacher.load(model_config, batch_size=teacher.batch_size)
 
 
 def _answer_missing_outputs(seeds: list[Seed], teacher, config: PipelineConfig) -> list[dict]:
@@ -168,12 +143,14 @@ def _ask(teacher, prompts: list[str], config: PipelineConfig, seed_offset: int, 
 
 
 def parse_instruction(reply: str) -> str:
-    """The first non-empty line of a reply, without list numbering, labels or quotes."""
-    for line in reply.strip().splitlines():
-        line = _NUMBERING.sub("", line).strip().strip('"').strip()
-        if line:
+    """The first line of a reply that is not a preamble ("Here is a new task:"), without list
+    numbering, labels or quotes."""
+    lines = [_NUMBERING.sub("", line).strip().strip('"').strip() for line in reply.strip().splitlines()]
+    lines = [line for line in lines if line]
+    for line in lines:
+        if not line.endswith(":"):
             return line
-    return ""
+    return lines[0] if lines else ""
 
 
 def user_prompt(seed: Seed) -> str:

@@ -14,12 +14,33 @@ import time
 import urllib.error
 import urllib.request
 
+from rlhf.config import ModelConfig, TeacherConfig
 from rlhf.errors import UserError
 
 # Chat messages in the OpenAI shape: [{"role": "user", "content": "..."}, ...].
 Conversation = list[dict[str, str]]
 
 _BODY_EXCERPT_CHARS = 200
+
+
+def build_teacher(teacher: TeacherConfig, base_model: ModelConfig):
+    """The teacher a config asks for: an OpenAI-compatible endpoint, or a local model (default: the
+    pipeline's base model), loaded unquantized since it only generates."""
+    if teacher.kind == "openai":
+        for key in ("base_url", "model"):
+            if not getattr(teacher, key):
+                raise UserError(f"teacher.{key}: required when the teacher's kind is openai")
+        return OpenAITeacher(
+            base_url=teacher.base_url,
+            model=teacher.model,
+            api_key_env=teacher.api_key_env,
+            timeout_s=teacher.timeout_s,
+            max_retries=teacher.max_retries,
+        )
+    model_config = base_model.model_copy(
+        update={"name_or_path": teacher.model or base_model.name_or_path, "quantization": "none"}
+    )
+    return LocalTeacher.load(model_config, batch_size=teacher.batch_size)
 
 
 class LocalTeacher:
@@ -49,7 +70,7 @@ class LocalTeacher:
     ) -> list[str]:
         from rlhf.generation import generate_chat
 
-        return generate_chat(
+        replies = generate_chat(
             self.model,
             self.tokenizer,
             conversations,
@@ -60,6 +81,7 @@ class LocalTeacher:
             seed=seed or 0,
             description="teacher",
         )
+        return [reply.text for reply in replies]
 
 
 class _RetryableFailure(Exception):

@@ -81,7 +81,9 @@ class InstructionsConfig(Section):
     teacher: TeacherConfig = TeacherConfig()
 
 
-class SFTConfig(Section):
+class TrainingSection(Section):
+    """Settings every training stage shares."""
+
     epochs: float = Field(1.0, gt=0)
     max_steps: int = -1
     """> 0 overrides epochs."""
@@ -97,6 +99,42 @@ class SFTConfig(Section):
     gradient_checkpointing: bool = False
 
 
+class SFTConfig(TrainingSection):
+    pass
+
+
+class PreferencesConfig(Section):
+    source: Literal["import", "generate"] = "generate"
+    path: str | None = None
+    """import: a .json/.jsonl/.parquet file, a dataset directory, or a hub dataset id."""
+    num_eval: int = Field(32, ge=1)
+    """Held-out pairs for the reward model's accuracy."""
+    # generate: sample K responses per instruction from the SFT model, judge them, keep (best, worst).
+    num_prompts: int = Field(128, gt=0)
+    """Instructions from the instruction dataset's train split (all of them when fewer)."""
+    samples_per_prompt: int = Field(4, ge=2)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    max_new_tokens: int = Field(128, gt=0)
+    batch_size: int = Field(16, gt=0)
+    judge: Literal["rubric", "reward_model", "llm"] = "rubric"
+    judge_model: str | None = None
+    """reward_model judge: a sequence-classification reward model (local directory or hub id)."""
+    judge_teacher: TeacherConfig = TeacherConfig(temperature=0.0, max_new_tokens=8)
+    """llm judge: a local model or an OpenAI-compatible endpoint asked for pairwise verdicts."""
+    min_margin: float = Field(0.1, ge=0)
+    """Keep a pair only when best − worst judge score reaches this (rubric scores are in [0, 1])."""
+
+
+class RewardConfig(TrainingSection):
+    model: str | None = None
+    """An existing reward model (local directory or hub id): used as is, no training."""
+    learning_rate: float = Field(1e-4, gt=0)
+    center_rewards_coefficient: float | None = Field(0.01, ge=0)
+    """Keeps rewards near zero (Eisenstein et al. 2023), which steadies PPO's reward scale."""
+
+
 class PipelineConfig(Section):
     output_dir: str = "runs/default"
     run_name: str | None = None
@@ -107,6 +145,8 @@ class PipelineConfig(Section):
     wandb: WandbConfig = WandbConfig()
     instructions: InstructionsConfig = InstructionsConfig()
     sft: SFTConfig = SFTConfig()
+    preferences: PreferencesConfig = PreferencesConfig()
+    reward: RewardConfig = RewardConfig()
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:

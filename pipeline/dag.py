@@ -15,6 +15,16 @@ def seeds_path(config: PipelineConfig) -> Path:
     return Path(config.instructions.seeds) if config.instructions.seeds else SHIPPED_SEEDS
 
 
+def preference_files(config: PipelineConfig) -> list[Path]:
+    """An imported local dataset's files (hashed, so an edit makes the stage stale); none for a hub id."""
+    if config.preferences.source != "import" or not config.preferences.path:
+        return []
+    path = Path(config.preferences.path)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return [path] if path.is_file() else []
+
+
 STAGES: list[Stage] = [
     Stage(
         name="instructions",
@@ -29,5 +39,20 @@ STAGES: list[Stage] = [
         reads=("seed", "model", "lora", "sft"),
         upstream=("instructions",),
         outputs=("adapter", "merged", "metrics.jsonl"),
+    ),
+    Stage(
+        name="preferences",
+        module="rlhf.data_builders.preferences",
+        reads=("seed", "preferences", "model.dtype", "model.device", "model.trust_remote_code"),
+        upstream=("instructions", "sft"),
+        file_inputs=preference_files,
+        outputs=("train.jsonl", "eval.jsonl", "stats.json"),
+    ),
+    Stage(
+        name="reward",
+        module="rlhf.stages.reward",
+        reads=("seed", "model", "lora", "reward"),
+        upstream=("preferences", "sft"),
+        outputs=("metrics.jsonl",),  # plus adapter/, score_head.safetensors, model/ (or external.json)
     ),
 ]

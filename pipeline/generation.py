@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tqdm.auto import tqdm
 
 Conversation = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    finished: bool
+    """False when it stopped at max_new_tokens before the end-of-sequence token."""
 
 
 @torch.no_grad()
@@ -21,7 +30,7 @@ def generate_chat(
     batch_size: int = 8,
     seed: int = 0,
     description: str = "generating",
-) -> list[str]:
+) -> list[Generation]:
     """The assistant's reply to each conversation, in order.
 
     Prompts are sorted by length so each left-padded batch wastes little, and the sampler is
@@ -29,7 +38,7 @@ def generate_chat(
     """
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies: list[str] = [""] * len(prompts)
+    replies: list[Generation] = [Generation("", False)] * len(prompts)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     device = next(model.parameters()).device
@@ -53,8 +62,10 @@ def generate_chat(
                     eos_token_id=tokenizer.eos_token_id,
                 )
                 new_tokens = output[:, inputs["input_ids"].shape[1] :]
-                for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                    replies[i] = text.strip()
+                finished = (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
+                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                for i, text, done in zip(batch, texts, finished):
+                    replies[i] = Generation(text.strip(), done)
                 progress.update(len(batch))
     finally:
         tokenizer.padding_side = padding_side

@@ -180,19 +180,34 @@ def quantization_config(model_config: ModelConfig, compute_dtype: torch.dtype):
 
 
 def load_causal_lm(path: str, model_config: ModelConfig, quantize: bool = True):
-    """Load a causal LM on the configured device and dtype, quantized when configured and `quantize`."""
+    """A causal LM on the configured device and dtype, quantized when configured and `quantize`."""
     from transformers import AutoModelForCausalLM
 
+    return _load(AutoModelForCausalLM, path, model_config, quantize)
+
+
+def load_reward_model(path: str, model_config: ModelConfig, tokenizer, quantize: bool = False):
+    """A sequence-classification model with one output: the scalar reward."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = _load(AutoModelForSequenceClassification, path, model_config, quantize, num_labels=1)
+    # The score is read at the last non-pad token, which needs to know the pad id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _load(auto_class, path: str, model_config: ModelConfig, quantize: bool, **kwargs):
     dtype = pick_dtype(model_config)
     device = pick_device(model_config)
     quant = quantization_config(model_config, dtype) if quantize else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             path,
             dtype=dtype,
             quantization_config=quant,
             device_map={"": device} if quant is not None else None,
             trust_remote_code=model_config.trust_remote_code,
+            **kwargs,
         )
     except OSError as e:
         raise UserError(f"model.name_or_path: cannot load '{path}': {_first_line(e)}") from None

@@ -35,7 +35,13 @@ def generate(model_dir: Path) -> str:
 
 
 def test_smoke_run_publishes_every_stage(smoke_run):
-    for stage, files in {"instructions": ["train.jsonl", "eval.jsonl", "stats.json"], "sft": ["adapter", "merged"]}.items():
+    expected = {
+        "instructions": ["train.jsonl", "eval.jsonl", "stats.json"],
+        "sft": ["adapter", "merged", "metrics.jsonl"],
+        "preferences": ["train.jsonl", "eval.jsonl", "stats.json"],
+        "reward": ["adapter", "score_head.safetensors", "model", "metrics.jsonl"],
+    }
+    for stage, files in expected.items():
         manifest = json.loads((smoke_run / stage / "manifest.json").read_text())
         assert manifest["stage"] == stage and manifest["duration_s"] > 0
         assert all((smoke_run / stage / f).exists() for f in files)
@@ -61,7 +67,7 @@ def test_rerun_does_nothing_quickly(smoke_run, capsys):
     assert result.returncode == 0 and "nothing to do" in result.stdout
     assert time.time() - started < 5  # a fresh interpreter included; the runner itself imports no torch
     main(["status", SMOKE, f"output_dir={smoke_run}"])
-    assert capsys.readouterr().out.count("up to date") == 2
+    assert capsys.readouterr().out.count("up to date") == 4
 
 
 def test_changed_sft_key_reruns_only_sft(smoke_run, capsys):

@@ -1,0 +1,59 @@
+"""What the TRL-based training stages (sft, reward) share: trainer arguments, resume, merging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers.trainer_utils import get_last_checkpoint
+
+from rlhf.config import PipelineConfig, TrainingSection
+from rlhf.models import load_tokenizer, pick_device, pick_dtype
+
+
+def trainer_arguments(section: TrainingSection, config: PipelineConfig, checkpoints: Path, stage: str, wandb_on: bool) -> dict:
+    """Keyword arguments for a TRL config (SFTConfig, RewardConfig) from a stage's training section."""
+    return dict(
+        output_dir=str(checkpoints),
+        num_train_epochs=section.epochs,
+        max_steps=section.max_steps,
+        learning_rate=section.learning_rate,
+        per_device_train_batch_size=section.batch_size,
+        per_device_eval_batch_size=section.batch_size,
+        gradient_accumulation_steps=section.grad_accum,
+        max_length=section.max_length,
+        warmup_steps=section.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        lr_scheduler_type=section.lr_scheduler,
+        weight_decay=section.weight_decay,
+        logging_steps=section.logging_steps,
+        save_strategy="steps",
+        save_steps=section.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",  # the stage evaluates before and after training itself
+        activation_checkpointing=section.gradient_checkpointing,
+        # TRL keeps QLoRA's trainable weights in bf16 (as the QLoRA paper does): autocast lets them meet
+        # activations of another dtype.
+        bf16=pick_dtype(config.model) == torch.bfloat16 or config.model.quantization != "none",
+        use_cpu=pick_device(config.model) == "cpu",
+        seed=config.seed,
+        report_to=["wandb"] if wandb_on else "none",
+        run_name=f"{config.run_name}-{stage}",
+    )
+
+
+def last_checkpoint(checkpoints: Path) -> str | None:
+    """The newest checkpoint of an interrupted attempt with the same fingerprint, if any."""
+    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+
+def save_merged(load, base_path: str, adapter_dir: Path, dest: Path, config: PipelineConfig) -> None:
+    """Merge an adapter into an unquantized reload of its base, on the CPU (never into 4-bit weights).
+
+    `load(path, model_config)` loads the base: a causal LM for SFT, a classifier for the reward model."""
+    from peft import PeftModel
+
+    full_precision = config.model.model_copy(update={"quantization": "none", "device": "cpu"})
+    base = load(base_path, full_precision)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(dest)
+    load_tokenizer(base_path, config.model.trust_remote_code).save_pretrained(dest)

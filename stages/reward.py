@@ -1,0 +1,116 @@
+"""The reward stage: a Bradley-Terry reward model on the merged SFT backbone, LoRA or QLoRA.
+
+Outputs:
+- `adapter/`: the LoRA adapter with the score head (PEFT's modules_to_save), and `score_head.safetensors`:
+  what the PPO stage loads onto its one resident backbone;
+- `model/`: a standalone `AutoModelForSequenceClassification` (adapter merged) that any tool can load;
+- `metrics.jsonl`, and the held-out pairwise accuracy and mean margin in the manifest.
+With `reward.model` set, an existing reward model is evaluated and used as is: `external.json` names it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from datasets import Dataset
+from rich.console import Console
+from safetensors.torch import save_file
+from trl import RewardConfig, RewardTrainer
+
+from rlhf.models import load_reward_model, load_tokenizer, peft_lora_config, resolve_model
+from rlhf.reward.judges import score_conversations
+from rlhf.runner import StageContext
+from rlhf.tracking import MetricsFile, MetricsFileCallback, start_wandb
+from rlhf.training import last_checkpoint, save_merged, trainer_arguments
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+def run(ctx: StageContext) -> dict:
+    config, settings = ctx.config, ctx.config.reward
+    train = load_pairs(ctx.inputs["preferences"] / "train.jsonl")
+    evaluation = load_pairs(ctx.inputs["preferences"] / "eval.jsonl")
+    if settings.model:
+        return use_external_reward_model(ctx, evaluation)
+
+    # 1. Setup: the merged SFT model as a classifier with one output; LoRA (QLoRA when 4-bit).
+    backbone = str(ctx.inputs["sft"] / "merged")
+    tokenizer = load_tokenizer(backbone, config.model.trust_remote_code)
+    model = load_reward_model(backbone, config.model, tokenizer, quantize=True)
+    wandb_run = start_wandb(config, "reward", ctx.run_dir)
+    metrics = MetricsFile(ctx.out_dir / "metrics.jsonl")
+    checkpoints = ctx.work_dir / "checkpoints"
+    args = RewardConfig(
+        **trainer_arguments(settings, config, checkpoints, "reward", wandb_run is not None),
+        center_rewards_coefficient=settings.center_rewards_coefficient,
+        disable_dropout=True,
+    )
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=peft_lora_config(config.lora, task_type="SEQ_CLS"),
+        callbacks=[MetricsFileCallback(metrics)],
+    )
+
+    # 2. Train; held-out pairwise accuracy and margin before and after.
+    before = trainer.evaluate()
+    metrics.write({"step": 0, **before})
+    resume = last_checkpoint(checkpoints)
+    if resume:
+        console.print(f"reward: resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
+    after = trainer.evaluate()
+    console.print(
+        f"reward: held-out accuracy {before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}, "
+        f"margin {before['eval_margin']:.3f} -> {after['eval_margin']:.3f} ({len(evaluation)} pairs)"
+    )
+
+    # 3. Save the adapter and score head (for PPO's shared backbone) and a standalone merged model.
+    trainer.model.save_pretrained(ctx.out_dir / "adapter")
+    tokenizer.save_pretrained(ctx.out_dir / "adapter")
+    score = trainer.model.base_model.model.score.modules_to_save["default"]
+    save_file({"weight": score.weight.detach().float().contiguous().cpu()}, ctx.out_dir / "score_head.safetensors")
+    del trainer, model
+    load = lambda path, model_config: load_reward_model(path, model_config, tokenizer)  # noqa: E731
+    save_merged(load, backbone, ctx.out_dir / "adapter", ctx.out_dir / "model", config)
+    result = {
+        "eval_accuracy": after["eval_accuracy"],
+        "eval_margin": after["eval_margin"],
+        "eval_accuracy_before": before["eval_accuracy"],
+        "eval_pairs": len(evaluation),
+        "train_pairs": len(train),
+    }
+    if wandb_run:
+        wandb_run.summary.update(result)
+        wandb_run.finish()
+    return result
+
+
+def use_external_reward_model(ctx: StageContext, evaluation: Dataset) -> dict:
+    """Score the held-out pairs with the user's reward model (and its own tokenizer); no training."""
+    config = ctx.config
+    path = resolve_model(config.reward.model)
+    tokenizer = load_tokenizer(path, config.model.trust_remote_code)
+    model = load_reward_model(path, config.model, tokenizer).eval()
+    chosen = score_conversations(model, tokenizer, [r["prompt"] + r["chosen"] for r in evaluation])
+    rejected = score_conversations(model, tokenizer, [r["prompt"] + r["rejected"] for r in evaluation])
+    accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(chosen)
+    margin = sum(c - r for c, r in zip(chosen, rejected)) / len(chosen)
+    (ctx.out_dir / "external.json").write_text(json.dumps({"model": config.reward.model}, indent=2))
+    MetricsFile(ctx.out_dir / "metrics.jsonl").write({"step": 0, "eval_accuracy": accuracy, "eval_margin": margin})
+    console.print(f"reward: external model {config.reward.model}: held-out accuracy {accuracy:.3f}")
+    return {"eval_accuracy": accuracy, "eval_margin": margin, "eval_pairs": len(chosen), "external": True}
+
+
+def load_pairs(path: Path) -> Dataset:
+    """Conversational prompt/chosen/rejected rows (judge scores dropped: TRL reads a `margin` column)."""
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            rows.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+    return Dataset.from_list(rows)
