@@ -135,6 +135,47 @@ class RewardConfig(TrainingSection):
     """Keeps rewards near zero (Eisenstein et al. 2023), which steadies PPO's reward scale."""
 
 
+class PPOConfig(Section):
+    num_prompts: int = Field(256, gt=0)
+    """Instructions from the instruction dataset's train split (the eval split stays held out)."""
+    steps: int = Field(20, gt=0)
+    """PPO iterations: each samples `rollout_batch_size` responses, then updates on them."""
+    rollout_batch_size: int = Field(16, gt=0)
+    mini_batch_size: int = Field(8, gt=0)
+    micro_batch_size: int = Field(4, gt=0)
+    """Gradient accumulation splits each minibatch into micro-batches of this size."""
+    ppo_epochs: int = Field(2, gt=0)
+    learning_rate: float = Field(5e-5, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # Sampling.
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    missing_eos_penalty: float | None = Field(1.0, ge=0)
+    """Subtracted from the score of a response that hit max_new_tokens without ending."""
+    # Rewards and the KL penalty.
+    kl_coef: float = Field(0.05, ge=0)
+    target_kl: float | None = Field(None, gt=0)
+    """Adaptive KL (Ziegler et al. 2019): steer kl_coef so the per-sequence KL approaches this."""
+    kl_horizon: int = Field(10000, gt=0)
+    kl_budget: float = Field(8.0, gt=0)
+    """The per-sequence KL the run is expected to stay under (checked in tests and evaluation)."""
+    score_clip: float | None = Field(None, gt=0)
+    whiten_rewards: bool = False
+    # Advantages and losses.
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    # Bookkeeping.
+    sample_every: int = Field(5, gt=0)
+    """Log a table of prompts, responses and scores every N steps."""
+    save_every: int = Field(10, gt=0)
+    """Checkpoint every N steps, so a killed run resumes where it stopped."""
+
+
 class PipelineConfig(Section):
     output_dir: str = "runs/default"
     run_name: str | None = None
@@ -147,6 +188,7 @@ class PipelineConfig(Section):
     sft: SFTConfig = SFTConfig()
     preferences: PreferencesConfig = PreferencesConfig()
     reward: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:

@@ -55,4 +55,11 @@ STAGES: list[Stage] = [
         upstream=("preferences", "sft"),
         outputs=("metrics.jsonl",),  # plus adapter/, score_head.safetensors, model/ (or external.json)
     ),
+    Stage(
+        name="ppo",
+        module="rlhf.stages.ppo",
+        reads=("seed", "model", "lora", "ppo"),
+        upstream=("instructions", "sft", "reward"),
+        outputs=("policy", "value", "metrics.jsonl", "samples.jsonl"),
+    ),
 ]

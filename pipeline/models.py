@@ -38,7 +38,7 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path == EMBEDDED_MODEL:
         return str(_cached(EMBEDDED_MODEL, materialize_embedded_model))
     if name_or_path == TINY_MODEL:
-        return str(_cached(TINY_MODEL, build_tiny_model))
+        return str(_cached(f"{TINY_MODEL}-v3", build_tiny_model))  # bump when build_tiny_model changes
     if Path(name_or_path).is_dir():
         return name_or_path
     if Path(name_or_path).exists() or name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1:
@@ -111,6 +111,9 @@ def build_tiny_model(dest: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=True,
+        # Larger than the usual 0.02 so that logits are not flat: a policy on this model can
+        # visibly learn in a few PPO steps.
+        initializer_range=0.5,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)

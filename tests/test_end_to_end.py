@@ -40,6 +40,7 @@ def test_smoke_run_publishes_every_stage(smoke_run):
         "sft": ["adapter", "merged", "metrics.jsonl"],
         "preferences": ["train.jsonl", "eval.jsonl", "stats.json"],
         "reward": ["adapter", "score_head.safetensors", "model", "metrics.jsonl"],
+        "ppo": ["policy/adapter_model.safetensors", "value/value_head.safetensors", "metrics.jsonl", "samples.jsonl"],
     }
     for stage, files in expected.items():
         manifest = json.loads((smoke_run / stage / "manifest.json").read_text())
@@ -67,7 +68,7 @@ def test_rerun_does_nothing_quickly(smoke_run, capsys):
     assert result.returncode == 0 and "nothing to do" in result.stdout
     assert time.time() - started < 5  # a fresh interpreter included; the runner itself imports no torch
     main(["status", SMOKE, f"output_dir={smoke_run}"])
-    assert capsys.readouterr().out.count("up to date") == 4
+    assert capsys.readouterr().out.count("up to date") == 5
 
 
 def test_changed_sft_key_reruns_only_sft(smoke_run, capsys):

@@ -1,5 +1,7 @@
 """Model loading: reserved names, unknown models, QLoRA on the CPU."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -15,7 +17,7 @@ def test_tiny_model_is_deterministic(tmp_path, monkeypatch):
     b = resolve_model("tiny-random-llama")
     assert a != b
     for name in ("model.safetensors", "tokenizer.json"):
-        assert (tmp_path / "models" / "tiny-random-llama" / name).read_bytes() == open(f"{a}/{name}", "rb").read()
+        assert (Path(b) / name).read_bytes() == (Path(a) / name).read_bytes()
 
 
 def test_unknown_local_path_is_a_user_error():

@@ -1,0 +1,212 @@
+"""The ppo stage on the tiny model: one backbone with four roles, the KL penalty, learning, resume."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlhf.cli import main
+from rlhf.config import load_config
+from rlhf.models import load_causal_lm, load_tokenizer, resolve_model
+from rlhf.stages import ppo
+
+SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory) -> Path:
+    """Every stage before ppo, run once on the tiny model (sft long enough to move away from the base)."""
+    run_dir = tmp_path_factory.mktemp("ppo-upstream") / "run"
+    overrides = [f"output_dir={run_dir}", "sft.max_steps=8", "sft.learning_rate=5e-3"]
+    # (sft moves the policy away from the base, so that "reference = SFT, not base" can be told apart)
+    assert main(["run", SMOKE, *overrides, "--only", "instructions,sft,preferences,reward"]) == 0
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(upstream, tmp_path) -> Path:
+    return Path(shutil.copytree(upstream, tmp_path / "run"))
+
+
+def run_ppo(run_dir: Path, *overrides: str) -> int:
+    return main(["run", SMOKE, f"output_dir={run_dir}", "--only", "ppo", *overrides])
+
+
+def curve(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+
+
+def setup_roles(run_dir: Path, quantization: str = "none"):
+    config = load_config(SMOKE, [f"output_dir={run_dir}", f"model.quantization={quantization}"])
+    backbone = load_causal_lm(str(run_dir / "sft" / "merged"), config.model)
+    model, value_head, reward_head = ppo.build_actor_critic(backbone, run_dir / "reward", config)
+    trainable = [p for n, p in model.named_parameters() if ".policy." in n or ".value." in n]
+    roles = ppo.Roles(model.eval(), value_head, reward_head, trainable)
+    tokenizer = load_tokenizer(str(run_dir / "sft" / "merged"))
+    prompts = ppo.load_prompts(run_dir / "instructions" / "train.jsonl", tokenizer, 4, 0)
+    rollout = ppo.generate_rollout(roles, tokenizer, prompts, config.ppo)
+    return roles, rollout, config
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_policy_equals_reference_at_step_zero(upstream, quantization):
+    roles, rollout, config = setup_roles(upstream, quantization)
+    with torch.no_grad():
+        policy, _ = roles.policy_logprobs(rollout, 1.0)
+        reference, _ = roles.reference_logprobs(rollout, 1.0)
+    assert torch.equal(policy, reference)
+
+
+def test_reference_is_the_sft_model_not_the_base(upstream):
+    roles, rollout, config = setup_roles(upstream)
+    with torch.no_grad():
+        reference, _ = roles.reference_logprobs(rollout, 1.0)
+        mask = rollout["mask"]
+
+        def logprobs_of(model) -> torch.Tensor:
+            context = rollout["context_length"]
+            logits = model(
+                input_ids=rollout["input_ids"], attention_mask=rollout["attention_mask"], position_ids=rollout["position_ids"]
+            ).logits[:, context - 1 : -1]
+            return ppo.logprobs_from_logits(logits.float(), rollout["input_ids"][:, context:])
+
+        sft = logprobs_of(AutoModelForCausalLM.from_pretrained(upstream / "sft" / "merged").eval())
+        base = logprobs_of(AutoModelForCausalLM.from_pretrained(resolve_model("tiny-random-llama")).eval())
+    assert torch.allclose(reference * mask, sft * mask, atol=1e-5)
+    assert (reference * mask - base * mask).abs().max() > 1e-3
+
+
+def test_value_and_reward_start_from_the_reward_model(upstream):
+    roles, rollout, config = setup_roles(upstream)
+    reward_model = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(upstream / "sft" / "merged", num_labels=1),
+        upstream / "reward" / "adapter",
+    ).eval()
+    with torch.no_grad():
+        expected = reward_model(
+            input_ids=rollout["input_ids"], attention_mask=rollout["attention_mask"], position_ids=rollout["position_ids"]
+        ).logits[:, 0]
+        scores = roles.scores(rollout)
+        values = roles.values(rollout)
+    reward_model.config.pad_token_id = None  # (the classifier reads the last non-pad token; left padding)
+    assert torch.allclose(scores, expected, atol=1e-4)
+    assert values.shape == rollout["mask"].shape
+
+
+def target_token_reward(monkeypatch, run_dir: Path) -> float:
+    """Make the task learnable by a tiny random model in a few steps, and observable:
+    - every prompt is the same instruction, so the first response token has one distribution;
+    - the reward model is replaced by a programmatic reward: 5 when the response starts with the token the
+      SFT policy most often starts with, else 0 (the scale puts it above the noise of the value head,
+      which starts from an unrelated reward model).
+    Returns the target token's starting frequency."""
+    row = {"messages": [{"role": "user", "content": "Give one tip."}, {"role": "assistant", "content": "Rest."}]}
+    (run_dir / "instructions" / "train.jsonl").write_text((json.dumps(row) + "\n") * 64)
+    roles, _, config = setup_roles(run_dir)
+    tokenizer = load_tokenizer(str(run_dir / "sft" / "merged"))
+    prompt = ppo.load_prompts(run_dir / "instructions" / "train.jsonl", tokenizer, 1, 0)
+    torch.manual_seed(0)
+    rollout = ppo.generate_rollout(roles, tokenizer, prompt * 64, config.ppo.model_copy(update={"max_new_tokens": 1}))
+    first_tokens = rollout["input_ids"][:, -1]
+    target = first_tokens.mode().values
+
+    def scores(self, rollout):
+        return 5.0 * (rollout["input_ids"][:, rollout["context_length"]] == target).float()
+
+    monkeypatch.setattr(ppo.Roles, "scores", scores)
+    return (first_tokens == target).float().mean().item()
+
+
+LEARN = [
+    "ppo.steps=12",
+    "ppo.rollout_batch_size=16",
+    "ppo.mini_batch_size=8",
+    "ppo.micro_batch_size=8",
+    "ppo.ppo_epochs=4",
+    "ppo.max_new_tokens=4",
+    "ppo.learning_rate=3e-3",
+    "ppo.missing_eos_penalty=null",
+    "ppo.save_every=100",
+]
+
+
+def test_policy_learns_a_programmatic_reward_within_a_kl_bound(run_dir, monkeypatch):
+    base_rate = target_token_reward(monkeypatch, run_dir)
+    assert 0.05 < base_rate < 0.8
+    assert run_ppo(run_dir, *LEARN, "ppo.kl_coef=0.01") == 0
+    points = curve(run_dir)
+    scores = [p["objective/scores"] / 5 for p in points]  # the fraction starting with the target token
+    assert sum(scores[-3:]) / 3 > max(0.9, base_rate + 0.2), (base_rate, scores)
+    assert all(p["objective/kl"] < 8.0 for p in points)  # the configured smoke budget
+    last = points[-1]
+    # KL is reported per sequence (summed over tokens) and per token, and is a proper estimate.
+    assert points[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert sum(p["objective/kl"] for p in points) / len(points) >= 0
+    assert all(p["objective/kl_k3"] >= 0 for p in points)
+    for key in ("objective/entropy", "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value",
+                "val/response_length", "val/eos_fraction", "val/nonfinite_samples", "kl_coef", "learning_rate",
+                "time/rollout", "time/update", "tokens_per_second", "memory/peak_mb", "objective/rlhf_reward"):
+        assert key in last
+    manifest = json.loads((run_dir / "ppo" / "manifest.json").read_text())
+    assert manifest["metrics"]["resident_backbones"] == 1
+    assert (run_dir / "ppo" / "policy" / "adapter_model.safetensors").exists()
+    assert (run_dir / "ppo" / "value" / "value_head.safetensors").exists()
+    assert json.loads((run_dir / "ppo" / "samples.jsonl").read_text().splitlines()[0]).keys() >= {"prompt", "response", "score"}
+
+
+def test_large_kl_coefficient_keeps_the_policy_near_the_reference(run_dir, tmp_path, monkeypatch):
+    target_token_reward(monkeypatch, run_dir)
+    free = Path(shutil.copytree(run_dir, tmp_path / "free"))
+    assert run_ppo(free, *LEARN, "ppo.kl_coef=0.01") == 0
+    assert run_ppo(run_dir, *LEARN, "ppo.kl_coef=50") == 0
+    kl_free = [p["objective/kl"] for p in curve(free)]
+    kl_held = [p["objective/kl"] for p in curve(run_dir)]
+    assert sum(kl_held) < 0.5 * sum(kl_free), (kl_held, kl_free)
+    held_scores = [p["objective/scores"] / 5 for p in curve(run_dir)]
+    free_scores = [p["objective/scores"] / 5 for p in curve(free)]
+    assert sum(held_scores[-3:]) / 3 < sum(free_scores[-3:]) / 3 - 0.3, (held_scores, free_scores)
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(run_dir, tmp_path, monkeypatch):
+    settings = ["ppo.steps=4", "ppo.save_every=2", "ppo.learning_rate=1e-3"]
+    uninterrupted = Path(shutil.copytree(run_dir, tmp_path / "uninterrupted"))
+    assert run_ppo(uninterrupted, *settings) == 0
+
+    original = ppo.ppo_update
+    calls = {"n": 0}
+
+    def crash_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as if killed during step 3
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_update", crash_at_step_3)
+    assert run_ppo(run_dir, *settings) == 130
+    assert not (run_dir / "ppo").exists()
+    assert list((run_dir / ".work").glob("ppo-*/checkpoints/step-000002/COMPLETE"))
+    monkeypatch.setattr(ppo, "ppo_update", original)
+    assert run_ppo(run_dir, *settings) == 0
+    assert [p["step"] for p in curve(run_dir)] == [3, 4]  # resumed after step 2, not from scratch
+    a = load_file(run_dir / "ppo" / "policy" / "adapter_model.safetensors")
+    b = load_file(uninterrupted / "ppo" / "policy" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_publishes_nothing(run_dir, monkeypatch, capsys):
+    original = ppo.ppo_policy_loss
+
+    def poisoned(*args, **kwargs):
+        loss, clipfrac, approxkl = original(*args, **kwargs)
+        return loss * float("nan"), clipfrac, approxkl
+
+    monkeypatch.setattr(ppo, "ppo_policy_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="ppo step 1: non-finite policy loss"):
+        run_ppo(run_dir)
+    assert not (run_dir / "ppo").exists()
