@@ -231,13 +231,10 @@ class Roles:
 
     def _response_logprobs(self, rollout: dict, rows, temperature: float):
         context = rollout["context_length"]
-        logits = self.model(
-            input_ids=rollout["input_ids"][rows],
-            attention_mask=rollout["attention_mask"][rows],
-            position_ids=rollout["position_ids"][rows],
-        ).logits
-        # Logits at position t predict token t+1: the response tokens are predicted from context-1 on.
-        logits = logits[:, context - 1 : -1].float() / temperature
+        # Hidden state t predicts token t+1. Only the response's positions go through the LM head:
+        # with a 49k vocabulary, the prompt's logits would cost more than the backbone.
+        hidden = self._hidden(rollout, rows)[:, context - 1 : -1]
+        logits = self.model.base_model.model.lm_head(hidden).float() / temperature
         response = rollout["input_ids"][rows][:, context:]
         return logprobs_from_logits(logits, response), entropy_from_logits(logits)
 
