@@ -56,6 +56,7 @@ def run(ctx: StageContext) -> dict:
     config, settings = ctx.config, ctx.config.ppo
     accelerator = Accelerator(cpu=pick_device(config.model) == "cpu")
     set_seed(config.seed)
+    reset_peak_memory()
 
     # 1. Setup: one backbone with policy / value / reward adapters and their heads.
     backbone_dir = str(ctx.inputs["sft"] / "merged")
@@ -328,7 +329,8 @@ def generate_rollout(roles: Roles, tokenizer, batch: list[list[int]], settings) 
 
 def ppo_update(accelerator, roles, optimizer, rollout, old_logprobs, old_values, advantages, returns, settings, step) -> dict:
     batch_size = rollout["input_ids"].shape[0]
-    totals: dict[str, list[float]] = {k: [] for k in ("policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac", "entropy")}
+    keys = ("policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac", "entropy")
+    totals: dict[str, list[float]] = {key: [] for key in keys}
     for _ in range(settings.ppo_epochs):
         order = torch.randperm(batch_size)
         for start in range(0, batch_size, settings.mini_batch_size):
@@ -337,20 +339,20 @@ def ppo_update(accelerator, roles, optimizer, rollout, old_logprobs, old_values,
             for rows in micro_batches:
                 mask = rollout["mask"][rows]
                 weight = len(rows) / len(minibatch)
-                # Policy and value use different adapters: a forward and a backward each.
+                # Policy and value use different adapters on the same backbone: two forwards, one backward.
                 logprobs, entropy = roles.policy_logprobs(rollout, settings.temperature, rows)
+                values = roles.values(rollout, rows)
                 policy_loss, clipfrac, approxkl = ppo_policy_loss(
                     logprobs, old_logprobs[rows], advantages[rows], mask, settings.clip_range
                 )
-                _check_finite(policy_loss, "policy loss", step)
-                accelerator.backward(policy_loss * weight)
-                values = roles.values(rollout, rows)
                 value_loss, value_clipfrac = ppo_value_loss(
                     values, old_values[rows], returns[rows], mask, settings.clip_range_value
                 )
+                _check_finite(policy_loss, "policy loss", step)
                 _check_finite(value_loss, "value loss", step)
-                accelerator.backward(settings.vf_coef * value_loss * weight)
-                for key, value in zip(totals, (approxkl, clipfrac, policy_loss, value_loss, value_clipfrac, masked_mean(entropy, mask))):
+                accelerator.backward((policy_loss + settings.vf_coef * value_loss) * weight)
+                measured = (approxkl, clipfrac, policy_loss, value_loss, value_clipfrac, masked_mean(entropy, mask))
+                for key, value in zip(keys, measured):
                     totals[key].append(float(value.detach()))
             grad_norm = accelerator.clip_grad_norm_(roles.trainable, settings.max_grad_norm)
             _check_finite(grad_norm, "gradient norm", step)
@@ -406,9 +408,27 @@ def log_samples(path: Path, wandb_run, step: int, batch, rollout, tokenizer, sco
         wandb_run.log({"samples": table}, step=step)
 
 
+def reset_peak_memory() -> None:
+    """Start peak-memory accounting at this stage, not at the process's start (earlier stages may
+    have run in the same process)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak resident set
+    except OSError:
+        pass
+
+
 def peak_memory_mb() -> float:
+    """Peak accelerator memory allocated, or on the CPU the peak resident set size (VmHWM)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
