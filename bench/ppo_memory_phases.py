@@ -1,0 +1,52 @@
+"""Peak resident memory of the ppo stage, phase by phase, on a finished run directory.
+
+    python bench/ppo_memory_phases.py configs/quickstart.yaml   # after `rlhf run configs/quickstart.yaml`
+
+Prints VmHWM (peak resident set, Linux) after: loading the backbone, adding the adapters, one rollout,
+scoring, and one PPO update, so that a memory regression can be traced to its phase.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from rlhf.config import load_config
+from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.stages import ppo
+
+
+def peak(phase: str) -> None:
+    print(f"{phase:<10} peak resident {ppo.peak_memory_mb() / 1024:.2f} GB", flush=True)
+
+
+def main(config_path: str, *overrides: str) -> None:
+    config = load_config(config_path, list(overrides))
+    run = Path(config.output_dir)
+    ppo.reset_peak_memory()
+    peak("start")
+    backbone = load_causal_lm(str(run / "sft" / "merged"), config.model)
+    peak("backbone")
+    model, value_head, reward_head = ppo.build_actor_critic(backbone, run / "reward", config)
+    trainable = [p for n, p in model.named_parameters() if ".policy." in n or ".value." in n]
+    roles = ppo.Roles(model.eval(), value_head, reward_head, trainable)
+    peak("adapters")
+    tokenizer = load_tokenizer(str(run / "sft" / "merged"))
+    prompts = ppo.load_prompts(run / "instructions" / "train.jsonl", tokenizer, config.ppo.rollout_batch_size, 0)
+    rollout = ppo.generate_rollout(roles, tokenizer, prompts, config.ppo)
+    peak("rollout")
+    with torch.no_grad():
+        logprobs, _ = roles.policy_logprobs(rollout, config.ppo.temperature)
+        roles.reference_logprobs(rollout, config.ppo.temperature)
+        values = roles.values(rollout)
+        roles.scores(rollout)
+    peak("scoring")
+    optimizer = torch.optim.AdamW([*trainable, *value_head.parameters()], lr=config.ppo.learning_rate)
+    advantages = torch.randn_like(logprobs) * rollout["mask"]
+    ppo.ppo_update(Accelerator(cpu=True), roles, optimizer, rollout, logprobs, values, advantages, values, config.ppo, 1)
+    peak("update")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
