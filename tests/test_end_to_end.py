@@ -130,3 +130,11 @@ def test_qlora_sft_with_wandb_offline(tmp_path):
     assert merged.dtype == torch.float32 and "quantization_config" not in merged.config.to_dict()
     generate(run_dir / "sft" / "merged")
     assert list((run_dir / "wandb").rglob("offline-run-*"))
+
+
+def test_8bit_sft(tmp_path):
+    """LLM.int8 backbone on the CPU; the merged model is full precision."""
+    run_dir = tmp_path / "run"
+    assert main(["run", SMOKE, f"output_dir={run_dir}", "model.quantization=8bit", "--only", "instructions,sft"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "merged")
+    assert merged.dtype == torch.float32 and "quantization_config" not in merged.config.to_dict()
