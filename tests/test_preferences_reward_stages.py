@@ -167,3 +167,20 @@ def test_unknown_external_reward_model_is_one_line(run_dir, tmp_path):
     )
     assert result.returncode == 2 and "'/no/such/rm' is not a model directory" in result.stderr
     assert not (run_dir / "reward").exists() and (run_dir / "preferences" / "manifest.json").exists()
+
+
+def test_generate_with_reward_model_judge(run_dir, tmp_path):
+    judge = tmp_path / "judge-rm"
+    AutoModelForSequenceClassification.from_pretrained(run_dir / "sft" / "merged", num_labels=1).save_pretrained(judge)
+    AutoTokenizer.from_pretrained(run_dir / "sft" / "merged").save_pretrained(judge)
+    result = rlhf(run_dir, "--only", "preferences", "preferences.judge=reward_model", f"preferences.judge_model={judge}")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((run_dir / "preferences" / "stats.json").read_text())
+    assert stats["judge"] == "reward_model" and stats["pairs"] > 0
+    for row in read_jsonl(run_dir / "preferences" / "train.jsonl"):
+        assert row["score_chosen"] >= row["score_rejected"]
+
+
+def test_reward_model_judge_needs_a_model(run_dir):
+    result = rlhf(run_dir, "--only", "preferences", "preferences.judge=reward_model")
+    assert result.returncode == 2 and "preferences.judge_model: required" in result.stderr
