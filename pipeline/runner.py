@@ -17,6 +17,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -79,12 +80,54 @@ def _sha(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
+FRAMEWORK_MODULES = {"rlhf.runner", "rlhf.config", "rlhf.errors", "rlhf.dag", "rlhf.tracking", "rlhf.cli"}
+"""Left out of code hashes: they decide what runs and where it is logged, not what a stage computes
+(config values reach the fingerprint through the keys a stage reads)."""
+
+
 def code_hash(module: str) -> str:
-    """Hash of a stage module's source, found without importing it (so `status` stays fast)."""
-    spec = importlib.util.find_spec(module)
+    """Hash of a stage module's source and of every `rlhf` module it imports, directly or not, found
+    without importing them (so `status` stays fast). Editing shared code makes its stages stale."""
+    digest = hashlib.sha256()
+    for name in sorted(_rlhf_modules_used_by(module) - FRAMEWORK_MODULES):
+        digest.update(name.encode() + b"\0" + _module_source(name) + b"\0")
+    return digest.hexdigest()
+
+
+_IMPORT = re.compile(rb"^[ \t]*(?:from[ \t]+(rlhf[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[\w ,\t]+)|import[ \t]+(rlhf[\w.]*))", re.M)
+
+
+def _rlhf_modules_used_by(module: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for package, names, plain in _IMPORT.findall(_module_source(name)):
+            if plain:
+                todo.append(plain.decode())
+                continue
+            todo.append(package.decode())
+            if _is_package(package.decode()):  # `from rlhf.stages import ppo` imports a module
+                for imported in names.decode().strip("()").replace("\n", " ").split(","):
+                    candidate = f"{package.decode()}.{imported.split(' as ')[0].strip()}"
+                    if imported.strip() and importlib.util.find_spec(candidate) is not None:
+                        todo.append(candidate)
+    return seen
+
+
+def _is_package(name: str) -> bool:
+    spec = importlib.util.find_spec(name)
+    return spec is not None and spec.submodule_search_locations is not None
+
+
+def _module_source(name: str) -> bytes:
+    spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
-        raise RuntimeError(f"stage module {module} not found")
-    return _sha(Path(spec.origin).read_bytes())
+        raise RuntimeError(f"stage module {name} not found")
+    return Path(spec.origin).read_bytes()
 
 
 def file_hash(path: Path) -> str:

@@ -132,3 +132,21 @@ def test_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path):
     with RunLock(run_dir):
         assert json.loads((run_dir / ".lock").read_text())["pid"] != 2**22 + 12345
     assert not (run_dir / ".lock").exists()
+
+
+def test_code_version_covers_the_shared_code_a_stage_imports(monkeypatch):
+    from rlhf import runner
+
+    used = runner._rlhf_modules_used_by("rlhf.stages.ppo")
+    assert {"rlhf.stages.ppo", "rlhf.stages.ppo_math", "rlhf.models"} <= used
+    before, sft_before = runner.code_hash("rlhf.stages.ppo"), runner.code_hash("rlhf.stages.sft")
+    original = runner._module_source
+    monkeypatch.setattr(
+        runner, "_module_source", lambda name: original(name) + (b"# edited" if name == "rlhf.stages.ppo_math" else b"")
+    )
+    assert runner.code_hash("rlhf.stages.ppo") != before  # an edit to the math makes ppo stale
+    assert runner.code_hash("rlhf.stages.sft") == sft_before  # sft does not import the PPO math
+    monkeypatch.setattr(
+        runner, "_module_source", lambda name: original(name) + (b"# edited" if name == "rlhf.runner" else b"")
+    )
+    assert runner.code_hash("rlhf.stages.ppo") == before  # the framework is not part of a stage's code
