@@ -1,6 +1,6 @@
 """The DAG runner: decide which stages are stale, run them in order, publish their outputs atomically.
 
-A stage's fingerprint hashes its code (the source of its module), the config keys it reads, the
+A stage's fingerprint hashes its code (its module and the rlhf modules it imports), the config keys it reads, the
 content of its input files and its upstream stages' fingerprints. A stage is up to date when its
 published `manifest.json` carries the fingerprint it would have now.
 
