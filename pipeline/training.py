@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainerCallback
 
 from rlhf.config import PipelineConfig, TrainingSection
 from rlhf.models import load_tokenizer, pick_device, pick_dtype
@@ -41,9 +41,20 @@ def trainer_arguments(section: TrainingSection, config: PipelineConfig, checkpoi
     )
 
 
+class MarkCheckpointComplete(TrainerCallback):
+    """Writes `COMPLETE` into a checkpoint once the Trainer has saved all of it, so that a run killed
+    in the middle of a save never resumes from a torn checkpoint."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (folder / "COMPLETE").write_text(str(state.global_step))
+
+
 def last_checkpoint(checkpoints: Path) -> str | None:
-    """The newest checkpoint of an interrupted attempt with the same fingerprint, if any."""
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    """The newest complete checkpoint of an interrupted attempt with the same fingerprint, if any."""
+    complete = [p for p in checkpoints.glob("checkpoint-*") if (p / "COMPLETE").exists()]
+    return str(max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]))) if complete else None
 
 
 def save_merged(load, base_path: str, adapter_dir: Path, dest: Path, config: PipelineConfig) -> None:

@@ -22,7 +22,7 @@ from rlhf.models import load_reward_model, load_tokenizer, peft_lora_config, res
 from rlhf.reward.judges import score_conversations
 from rlhf.runner import StageContext
 from rlhf.tracking import MetricsFile, MetricsFileCallback, start_wandb
-from rlhf.training import last_checkpoint, save_merged, trainer_arguments
+from rlhf.training import MarkCheckpointComplete, last_checkpoint, save_merged, trainer_arguments
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -53,7 +53,7 @@ def run(ctx: StageContext) -> dict:
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=peft_lora_config(config.lora, task_type="SEQ_CLS"),
-        callbacks=[MetricsFileCallback(metrics)],
+        callbacks=[MetricsFileCallback(metrics), MarkCheckpointComplete()],
     )
 
     # 2. Train; held-out pairwise accuracy and margin before and after.
@@ -64,6 +64,7 @@ def run(ctx: StageContext) -> dict:
         console.print(f"reward: resuming from {resume}")
     trainer.train(resume_from_checkpoint=resume)
     after = trainer.evaluate()
+    train_steps = trainer.state.global_step
     console.print(
         f"reward: held-out accuracy {before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}, "
         f"margin {before['eval_margin']:.3f} -> {after['eval_margin']:.3f} ({len(evaluation)} pairs)"
@@ -83,6 +84,7 @@ def run(ctx: StageContext) -> dict:
         "eval_accuracy_before": before["eval_accuracy"],
         "eval_pairs": len(evaluation),
         "train_pairs": len(train),
+        "train_steps": train_steps,
     }
     if wandb_run:
         wandb_run.summary.update(result)

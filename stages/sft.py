@@ -17,7 +17,7 @@ from trl import SFTConfig, SFTTrainer
 from rlhf.models import load_causal_lm, load_tokenizer, peft_lora_config, resolve_model
 from rlhf.runner import StageContext
 from rlhf.tracking import MetricsFile, MetricsFileCallback, start_wandb
-from rlhf.training import last_checkpoint, save_merged, trainer_arguments
+from rlhf.training import MarkCheckpointComplete, last_checkpoint, save_merged, trainer_arguments
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -46,7 +46,7 @@ def run(ctx: StageContext) -> dict:
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=peft_lora_config(config.lora),
-        callbacks=[MetricsFileCallback(metrics)],
+        callbacks=[MetricsFileCallback(metrics), MarkCheckpointComplete()],
     )
 
     # 2. Train, resuming from the last checkpoint of an interrupted attempt with the same fingerprint.
@@ -57,6 +57,7 @@ def run(ctx: StageContext) -> dict:
         console.print(f"sft: resuming from {resume}")
     trainer.train(resume_from_checkpoint=resume)
     eval_loss = trainer.evaluate()["eval_loss"]
+    train_steps = trainer.state.global_step
     console.print(f"sft: eval loss {eval_loss_before:.4f} -> {eval_loss:.4f}")
 
     # 3. Save the adapter, then merge it into a full-precision copy of the base.
@@ -68,7 +69,7 @@ def run(ctx: StageContext) -> dict:
     if wandb_run:
         wandb_run.summary.update({"eval_loss_before": eval_loss_before, "eval_loss": eval_loss})
         wandb_run.finish()
-    return {"eval_loss_before": eval_loss_before, "eval_loss": eval_loss, "train_examples": len(train)}
+    return {"eval_loss_before": eval_loss_before, "eval_loss": eval_loss, "train_examples": len(train), "train_steps": train_steps}
 
 
 class SFTTrainerPlainLossOnCPU(SFTTrainer):

@@ -1,0 +1,50 @@
+"""kill -9 in the middle of a training stage, then the same command: it resumes from the last complete
+checkpoint, ends with the same step count, and never resumes from a torn checkpoint."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
+
+# Run the CLI, but SIGKILL the process itself when a Trainer reaches `step` (after the checkpoint at 6).
+KILLED_AT_STEP = """
+import os, signal, sys
+from transformers import Trainer
+original = Trainer.training_step
+def training_step(self, *args, **kwargs):
+    if self.state.global_step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, *args, **kwargs)
+Trainer.training_step = training_step
+from rlhf.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_killed_training_stage_resumes_from_last_complete_checkpoint(tmp_path, stage):
+    run_dir = tmp_path / "run"
+    args = [
+        "run", SMOKE, f"output_dir={run_dir}", "--only", "instructions,sft,preferences,reward",
+        f"{stage}.max_steps=10", f"{stage}.save_steps=3", f"{stage}.logging_steps=1",
+    ]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_STEP.format(step=7), *args], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (run_dir / stage).exists()  # nothing published for the killed stage
+    checkpoints = run_dir.glob(f".work/{stage}-*/checkpoints")
+    checkpoints = next(checkpoints)
+    assert all((checkpoints / f"checkpoint-{n}" / "COMPLETE").exists() for n in (3, 6))
+    (checkpoints / "checkpoint-9").mkdir()  # as if killed while saving step 9: no COMPLETE marker
+
+    resumed = subprocess.run([sys.executable, "-m", "rlhf.cli", *args], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{stage}: resuming from {checkpoints / 'checkpoint-6'}" in resumed.stdout
+    manifest = json.loads((run_dir / stage / "manifest.json").read_text())
+    assert manifest["metrics"]["train_steps"] == 10
+    curve = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve if "loss" in r] == [7, 8, 9, 10]
+    assert not checkpoints.exists()  # scratch removed once published
