@@ -48,3 +48,30 @@ def test_killed_training_stage_resumes_from_last_complete_checkpoint(tmp_path, s
     curve = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in curve if "loss" in r] == [7, 8, 9, 10]
     assert not checkpoints.exists()  # scratch removed once published
+
+
+KILLED_AT_PPO_STEP = """
+import os, signal, sys
+from rlhf.stages import ppo
+original = ppo.ppo_update
+def ppo_update(*args, **kwargs):
+    if args[-1] == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+ppo.ppo_update = ppo_update
+from rlhf.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_ppo_resumes_with_the_same_number_of_updates(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["run", SMOKE, f"output_dir={run_dir}", "ppo.steps=5", "ppo.save_every=2"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_PPO_STEP.format(step=4), *args], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (run_dir / "ppo").exists() and (run_dir / "reward" / "manifest.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "rlhf.cli", *args], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "ppo: resuming after step 2" in resumed.stdout
+    curve = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [3, 4, 5]
