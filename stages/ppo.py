@@ -172,7 +172,7 @@ def run(ctx: StageContext) -> dict:
         "score_first": first.get("objective/scores"),
         "score_last": last.get("objective/scores"),
         "kl_last": last.get("objective/kl"),
-        "resident_backbones": 1,
+        "resident_backbones": count_resident_models(),
         "peak_memory_mb": max((h["memory/peak_mb"] for h in history), default=None),
     }
 
@@ -406,6 +406,19 @@ def log_samples(path: Path, wandb_run, step: int, batch, rollout, tokenizer, sco
 
         table = wandb.Table(columns=["step", "prompt", "response", "score"], data=[list(r.values()) for r in rows])
         wandb_run.log({"samples": table}, step=step)
+
+
+def count_resident_models() -> int:
+    """Live transformers models in this process: the one backbone that all four roles share."""
+    import gc
+
+    from transformers import PreTrainedModel
+
+    gc.collect()
+    models = [obj for obj in gc.get_objects() if isinstance(obj, PreTrainedModel)]
+    # A causal LM holds its body (LlamaModel inside LlamaForCausalLM): count only the outermost.
+    inner = {id(sub) for model in models for sub in model.modules() if sub is not model}
+    return sum(1 for model in models if id(model) not in inner)
 
 
 def reset_peak_memory() -> None:

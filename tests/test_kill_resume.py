@@ -75,3 +75,5 @@ def test_killed_ppo_resumes_with_the_same_number_of_updates(tmp_path):
     assert "ppo: resuming after step 2" in resumed.stdout
     curve = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in curve] == [3, 4, 5]
+    # In this process only ppo ran: the live models are the one backbone shared by the four roles.
+    assert json.loads((run_dir / "ppo" / "manifest.json").read_text())["metrics"]["resident_backbones"] == 1

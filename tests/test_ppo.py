@@ -152,8 +152,6 @@ def test_policy_learns_a_programmatic_reward_within_a_kl_bound(run_dir, monkeypa
                 "val/response_length", "val/eos_fraction", "val/nonfinite_samples", "kl_coef", "learning_rate",
                 "time/rollout", "time/update", "tokens_per_second", "memory/peak_mb", "objective/rlhf_reward"):
         assert key in last
-    manifest = json.loads((run_dir / "ppo" / "manifest.json").read_text())
-    assert manifest["metrics"]["resident_backbones"] == 1
     assert (run_dir / "ppo" / "policy" / "adapter_model.safetensors").exists()
     assert (run_dir / "ppo" / "value" / "value_head.safetensors").exists()
     assert json.loads((run_dir / "ppo" / "samples.jsonl").read_text().splitlines()[0]).keys() >= {"prompt", "response", "score"}
