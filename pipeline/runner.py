@@ -11,6 +11,7 @@ fails publishes nothing and leaves every earlier output as it was.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata
@@ -238,6 +239,12 @@ def downstream_of(stages: list[Stage], names: set[str]) -> set[str]:
 # --- running ------------------------------------------------------------------------------------
 
 
+def process_rank() -> int:
+    """This process's rank under `accelerate launch` / torchrun (0 when run alone). Only rank 0 takes
+    the lock and publishes; the other ranks compute alongside it."""
+    return int(os.environ.get("RANK", "0"))
+
+
 @dataclass
 class Decision:
     status: StageStatus
@@ -281,8 +288,9 @@ def run_pipeline(
 ) -> None:
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
-        _write_atomic(run_dir / "config.yaml", to_yaml(config))
+    with RunLock(run_dir) if process_rank() == 0 else contextlib.nullcontext():
+        if process_rank() == 0:
+            _write_atomic(run_dir / "config.yaml", to_yaml(config))
         published: dict[str, str] = {}  # stage name → fingerprint of what is on disk now
         for decision in decisions:
             stage = decision.status.stage
@@ -322,13 +330,16 @@ def _run_stage(stage: Stage, config: PipelineConfig, parts: dict, run_dir: Path,
     try:
         module = importlib.import_module(stage.module)
         metrics = module.run(ctx) or {}
-        missing = [o for o in stage.outputs if not (out_dir / o).exists()]
+        missing = [o for o in stage.outputs if not (out_dir / o).exists()] if process_rank() == 0 else []
         if missing:
             raise RuntimeError(f"stage {stage.name} did not write {', '.join(missing)}")
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
     finished = time.time()
+    if process_rank() != 0:  # rank 0 publishes what every rank computed together
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return fp
     (out_dir / "config.yaml").write_text(to_yaml(config))
     manifest = {
         "stage": stage.name,

@@ -69,10 +69,10 @@ def run(ctx: StageContext) -> dict:
     trainable += list(value_head.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / settings.steps)
-    model, value_head, optimizer = accelerator.prepare(model, value_head, optimizer)
     kl_ctl = kl_controller(settings.kl_coef, settings.target_kl, settings.kl_horizon)
     prompts = load_prompts(ctx.inputs["instructions"] / "train.jsonl", tokenizer, settings.num_prompts, config.seed)
-    roles = Roles(accelerator.unwrap_model(model), value_head, reward_head, trainable)
+    roles = Roles(model, value_head, reward_head, trainable)
+    rank = accelerator.process_index  # under `accelerate launch`, each process samples its own prompts
 
     checkpoints = ctx.work_dir / "checkpoints"
     start_step = load_checkpoint(checkpoints, roles, optimizer, scheduler, kl_ctl)
@@ -81,14 +81,14 @@ def run(ctx: StageContext) -> dict:
     wandb_run = start_wandb(config, "ppo", ctx.run_dir) if accelerator.is_main_process else None
     metrics = MetricsFile(ctx.out_dir / "metrics.jsonl")
     samples_file = ctx.out_dir / "samples.jsonl"
-    rng = random.Random(config.seed)
+    rng = random.Random(config.seed + 7919 * rank)
     history: list[dict] = []
 
     for step in range(1, settings.steps + 1):
         batch = [prompts[i] for i in rng.sample(range(len(prompts)), min(settings.rollout_batch_size, len(prompts)))]
         if step <= start_step:
             continue  # replay the prompt sampler so a resumed run sees the same prompts
-        torch.manual_seed(config.seed * 100_003 + step)
+        torch.manual_seed(config.seed * 100_003 + step + 7919 * rank)
 
         # 2. Rollout: sample responses with the policy, cut after EOS, count repaired samples.
         started = time.time()
@@ -157,6 +157,7 @@ def run(ctx: StageContext) -> dict:
             save_checkpoint(checkpoints, step, roles, optimizer, scheduler, kl_ctl)
 
     # Save: the policy adapter is the stage's product; the value adapter and head let PPO continue.
+    checksums = accelerator.gather(torch.tensor([weights_checksum(roles)], device=accelerator.device))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         roles.model.save_pretrained(ctx.out_dir / "policy", selected_adapters=["policy"])
@@ -173,6 +174,8 @@ def run(ctx: StageContext) -> dict:
         "score_last": last.get("objective/scores"),
         "kl_last": last.get("objective/kl"),
         "resident_backbones": count_resident_models(),
+        "processes": accelerator.num_processes,
+        "ranks_agree": bool((checksums == checksums[0]).all()),
         "peak_memory_mb": max((h["memory/peak_mb"] for h in history), default=None),
     }
 
@@ -260,6 +263,11 @@ class Roles:
         last = rollout["context_length"] + rollout["mask"].sum(1).long() - 1
         at_last = hidden[torch.arange(hidden.shape[0]), last]
         return self.reward_head(at_last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
+
+
+def weights_checksum(roles: Roles) -> float:
+    """A fingerprint of the trained weights, to check that every process ended with the same ones."""
+    return float(sum(p.detach().double().sum() + p.detach().double().abs().sum() * 1e-3 for p in roles.trainable))
 
 
 def value_head_weight(roles: Roles) -> torch.Tensor:
@@ -354,11 +362,23 @@ def ppo_update(accelerator, roles, optimizer, rollout, old_logprobs, old_values,
                 measured = (approxkl, clipfrac, policy_loss, value_loss, value_clipfrac, masked_mean(entropy, mask))
                 for key, value in zip(keys, measured):
                     totals[key].append(float(value.detach()))
+            average_gradients(accelerator, roles.trainable)
             grad_norm = accelerator.clip_grad_norm_(roles.trainable, settings.max_grad_norm)
             _check_finite(grad_norm, "gradient norm", step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return {key: sum(v) / len(v) for key, v in totals.items()}
+
+
+def average_gradients(accelerator, parameters) -> None:
+    """Data parallelism over processes: each rank sampled its own prompts; average their gradients so
+    every rank takes the same step. (DDP's wrapper cannot do it here: the roles call the backbone with
+    different adapters switched on, not through one wrapped forward.)"""
+    if accelerator.num_processes == 1:
+        return
+    for parameter in parameters:
+        if parameter.grad is not None:
+            parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
 
 
 def _check_finite(value: torch.Tensor, what: str, step: int) -> None:

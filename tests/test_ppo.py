@@ -208,3 +208,21 @@ def test_non_finite_loss_stops_with_a_clear_error_and_publishes_nothing(run_dir,
     with pytest.raises(FloatingPointError, match="ppo step 1: non-finite policy loss"):
         run_ppo(run_dir)
     assert not (run_dir / "ppo").exists()
+
+
+def test_two_processes_agree_on_the_final_weights(run_dir):
+    """Data parallel over 2 CPU processes (gloo): each rank samples its own prompts, gradients are
+    averaged, so both end with the same weights; only rank 0 publishes."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rlhf.cli", "run", SMOKE,
+         f"output_dir={run_dir}", "--only", "ppo", "ppo.steps=3", "ppo.learning_rate=1e-2"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "ppo" / "manifest.json").read_text())["metrics"]
+    assert metrics["processes"] == 2 and metrics["ranks_agree"] is True
+    assert [p["step"] for p in curve(run_dir)] == [1, 2, 3]
+    assert not list((run_dir / ".tmp").iterdir())
