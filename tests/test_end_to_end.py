@@ -138,3 +138,11 @@ def test_8bit_sft(tmp_path):
     assert main(["run", SMOKE, f"output_dir={run_dir}", "model.quantization=8bit", "--only", "instructions,sft"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "merged")
     assert merged.dtype == torch.float32 and "quantization_config" not in merged.config.to_dict()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    args = [sys.executable, "-m", "rlhf.cli", "run", SMOKE, f"output_dir={tmp_path / 'run'}", "sft.learnin_rate=1"]
+    quiet = subprocess.run(args, capture_output=True, text=True)
+    loud = subprocess.run([*args, "--debug"], capture_output=True, text=True)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    assert loud.returncode != 0 and "Traceback" in loud.stderr and "UserError" in loud.stderr
