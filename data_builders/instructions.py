@@ -166,6 +166,12 @@ def _numbered(items: list[str]) -> str:
     return "\n".join(f"{i}. {item}" for i, item in enumerate(items, 1))
 
 
+def read_conversations(path: Path) -> list[list[dict]]:
+    """The `messages` of every row of an instruction split (train.jsonl / eval.jsonl)."""
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line)["messages"] for line in f if line.strip()]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from rlhf.config import PipelineConfig
-from rlhf.data_builders.instructions import write_jsonl
+from rlhf.data_builders.instructions import read_conversations, write_jsonl
 from rlhf.data_builders.preference_import import load_preference_pairs, pair_to_row
 from rlhf.data_builders.teacher import build_teacher
 from rlhf.errors import UserError
@@ -117,11 +117,7 @@ def _reward_model_judge(config: PipelineConfig) -> RewardModelJudge:
 
 def sample_prompts(path: Path, count: int, seed: int) -> list[tuple[list[dict], str]]:
     """(prompt conversation, reference answer) for up to `count` instructions of the SFT train split."""
-    examples = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            messages = json.loads(line)["messages"]
-            examples.append((messages[:-1], messages[-1]["content"]))
+    examples = [(messages[:-1], messages[-1]["content"]) for messages in read_conversations(path)]
     return random.Random(seed).sample(examples, min(count, len(examples)))
 
 

@@ -29,6 +29,7 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from rlhf.data_builders.instructions import read_conversations
 from rlhf.errors import UserError
 from rlhf.models import load_causal_lm, load_tokenizer, peft_lora_config, pick_device
 from rlhf.runner import StageContext
@@ -395,11 +396,9 @@ def _check_finite(value: torch.Tensor, what: str, step: int) -> None:
 def load_prompts(path: Path, tokenizer, count: int, seed: int) -> list[list[int]]:
     """Token ids of up to `count` chat prompts, tokenized once."""
     prompts = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            messages = json.loads(line)["messages"][:-1]
-            encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-            prompts.append(list(encoded["input_ids"]))
+    for messages in read_conversations(path):
+        encoded = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)
+        prompts.append(list(encoded["input_ids"]))
     if not prompts:
         raise UserError(f"{path}: no prompts for PPO")
     return random.Random(seed).sample(prompts, min(count, len(prompts)))

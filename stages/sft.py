@@ -6,7 +6,6 @@ the backbone every later stage starts from), `metrics.jsonl` (the training curve
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from datasets import Dataset
@@ -14,6 +13,7 @@ from rich.console import Console
 from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
+from rlhf.data_builders.instructions import read_conversations
 from rlhf.models import load_causal_lm, load_tokenizer, peft_lora_config, resolve_model
 from rlhf.runner import StageContext
 from rlhf.tracking import MetricsFile, MetricsFileCallback, start_wandb
@@ -85,9 +85,5 @@ class SFTTrainerPlainLossOnCPU(SFTTrainer):
 
 def load_chat_dataset(path: Path) -> Dataset:
     """`messages` rows → conversational prompt (all turns but the last) / completion (the last)."""
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            messages = json.loads(line)["messages"]
-            rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
+    rows = [{"prompt": messages[:-1], "completion": messages[-1:]} for messages in read_conversations(path)]
     return Dataset.from_list(rows)
