@@ -19,6 +19,7 @@ from rich.console import Console
 from rlhf.config import PipelineConfig
 from rlhf.dag import seeds_path
 from rlhf.data_builders.filters import InstructionFilter
+from rlhf.data_builders.json_files import iter_json_records, json_type_name, read_utf8
 from rlhf.data_builders.seeds import Seed, load_seeds
 from rlhf.data_builders.teacher import build_teacher
 from rlhf.errors import UserError
@@ -167,9 +168,32 @@ def _numbered(items: list[str]) -> str:
 
 
 def read_conversations(path: Path) -> list[list[dict]]:
-    """The `messages` of every row of an instruction split (train.jsonl / eval.jsonl)."""
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line)["messages"] for line in f if line.strip()]
+    """The `messages` of every row of an instruction split (train.jsonl / eval.jsonl): each a list of
+    {"role", "content"} messages ending with the assistant's answer. A bad row is a UserError naming
+    the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: instruction split not found (run the instructions stage)")
+    conversations = [_conversation(record.value, record.where) for record in iter_json_records(path, read_utf8(path))]
+    if not conversations:
+        raise UserError(f'{path}: expected at least one row with "messages", found none')
+    return conversations
+
+
+def _conversation(row: object, where: str) -> list[dict]:
+    if not isinstance(row, dict) or "messages" not in row:
+        got = "an object without it" if isinstance(row, dict) else json_type_name(row)
+        raise UserError(f'{where}: expected an object with a "messages" list, got {got}')
+    messages = row["messages"]
+    if not isinstance(messages, list) or len(messages) < 2:
+        got = f"{len(messages)} message(s)" if isinstance(messages, list) else json_type_name(messages)
+        raise UserError(f'{where}: expected "messages" to be a list of at least 2 messages (prompt, answer), got {got}')
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
+            raise UserError(f'{where}: expected "messages[{index}]" to be an object with string "role" and "content"')
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f'{where}: expected the last message to be the assistant\'s answer, got role "{messages[-1]["role"]}"')
+    return messages
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

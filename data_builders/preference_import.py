@@ -187,7 +187,15 @@ def _saved_dataset_rows(path: Path) -> _Rows:
 
 def _parquet_rows(path: Path) -> _Rows:
     import datasets
+    import pyarrow.parquet
 
+    try:
+        # `datasets` calls a file without rows "no data"; its footer says so plainly.
+        empty = pyarrow.parquet.read_metadata(path).num_rows == 0
+    except Exception as err:  # noqa: BLE001 - any failure here is a bad parquet file
+        raise UserError(f"{path}: cannot read the parquet file: {_first_line(err)}") from None
+    if empty:
+        raise UserError(f"{path}: expected at least one preference row, found none")
     try:
         dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as err:  # noqa: BLE001 - any failure here is a bad parquet file

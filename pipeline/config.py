@@ -191,29 +191,51 @@ class PipelineConfig(Section):
     ppo: PPOConfig = PPOConfig()
 
 
+_SECTIONS = {
+    name
+    for name, field in PipelineConfig.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+}
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
     """Read a YAML config, apply `key.sub=value` overrides, validate, and fill defaults."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: expected UTF-8 text, found byte 0x{data[e.start]:02x}") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    raw = {} if raw is None else raw
+        raise UserError(f"{path}{_yaml_line(e)}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if raw is None:
+        raise UserError(f"{path}: expected a mapping of config sections, found an empty file (write {{}} for all defaults)")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of config sections at the top level")
+    for key, value in list(raw.items()):
+        if value is None and key in _SECTIONS:
+            raw[key] = {}  # a section whose keys are all commented out
     for override in overrides:
         _apply_override(raw, override)
     raw.setdefault("run_name", path.stem)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(f"{path}: {_describe(e.errors()[0])}") from None
+        error = e.errors()[0]
+        # A bad value given on the command line is the override's fault, not the file's.
+        key = ".".join(str(p) for p in error["loc"])
+        given = [o for o in overrides if key == o.partition("=")[0] or key.startswith(o.partition("=")[0] + ".")]
+        raise UserError(f"{f'override {given[-1]!r}' if given else path}: {_describe(error)}") from None
+
+
+def _yaml_line(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    return f":{mark.line + 1}" if mark else ""
 
 
 def _apply_override(raw: dict, override: str) -> None:
@@ -224,10 +246,16 @@ def _apply_override(raw: dict, override: str) -> None:
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise UserError(f"override '{override}': '{part}' is not a section")
-    node[leaf] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[leaf] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"override '{override}': expected a YAML value after '=' ({problem})") from None
 
 
 def _check_key_path(key: str) -> None:

@@ -33,17 +33,55 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf-pipeline"))
 
 
-def resolve_model(name_or_path: str) -> str:
-    """A reserved name → its cached local directory (built on first use); otherwise unchanged."""
+def resolve_model(name_or_path: str, key: str = "model.name_or_path") -> str:
+    """A reserved name → its cached local directory (built on first use); otherwise unchanged.
+
+    A name that is neither a directory nor a cached hub model is checked against the hub once, so that
+    a typo or an offline machine fails at once with one line (`key` names the config key), rather than
+    after the hub client's retries."""
     if name_or_path == EMBEDDED_MODEL:
         return str(_cached(EMBEDDED_MODEL, materialize_embedded_model))
     if name_or_path == TINY_MODEL:
         return str(_cached(f"{TINY_MODEL}-v3", build_tiny_model))  # bump when build_tiny_model changes
     if Path(name_or_path).is_dir():
+        if not (Path(name_or_path) / "config.json").is_file():
+            raise UserError(f"{key}: '{name_or_path}' is a directory without a model (expected a config.json, as save_pretrained writes)")
         return name_or_path
     if Path(name_or_path).exists() or name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1:
-        raise UserError(f"model.name_or_path: '{name_or_path}' is not a model directory")
+        raise UserError(f"{key}: '{name_or_path}' is not a model directory")
+    _check_hub_model(name_or_path, key)
     return name_or_path  # a hub id: transformers downloads it (or finds it in the HF cache)
+
+
+def _check_hub_model(hub_id: str, key: str) -> None:
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        if isinstance(huggingface_hub.try_to_load_from_cache(hub_id, "config.json"), str):
+            return  # downloaded before: loads offline
+    except HFValidationError as e:
+        raise UserError(f"{key}: '{hub_id}' is neither a local directory nor a valid hub id ({_first_line(e)})") from None
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    if offline:
+        raise UserError(
+            f"{key}: '{hub_id}' is neither a local directory nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+        )
+    try:
+        huggingface_hub.model_info(hub_id, timeout=10)
+    except GatedRepoError:
+        return  # exists; from_pretrained says what access it needs
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"{key}: '{hub_id}' is neither a local directory nor a model on the Hugging Face hub "
+            "(a private one needs `hf auth login`)"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - DNS, connection, timeout, proxy: the hub cannot be reached
+        raise UserError(
+            f"{key}: '{hub_id}' is neither a local directory nor in the Hugging Face cache, and the hub is unreachable "
+            f"({_first_line(e)})"
+        ) from None
 
 
 def _cached(name: str, build) -> Path:
@@ -212,7 +250,7 @@ def _load(auto_class, path: str, model_config: ModelConfig, quantize: bool, **kw
             trust_remote_code=model_config.trust_remote_code,
             **kwargs,
         )
-    except OSError as e:
+    except (OSError, ValueError) as e:  # missing or unrecognised files; ValueError: no known model_type
         raise UserError(f"model.name_or_path: cannot load '{path}': {_first_line(e)}") from None
     if quant is None:
         model.to(device)
@@ -244,5 +282,8 @@ def peft_lora_config(lora: LoraConfig, task_type: str = "CAUSAL_LM"):
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    """The error's text on one line (some messages break before their point), kept short."""
+    text = " ".join(str(error).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return text or type(error).__name__

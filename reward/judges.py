@@ -47,7 +47,7 @@ class RewardModelJudge:
     def load(cls, name_or_path: str, model_config, batch_size: int = 8) -> RewardModelJudge:
         from rlhf.models import load_reward_model, load_tokenizer, resolve_model
 
-        path = resolve_model(name_or_path)
+        path = resolve_model(name_or_path, "preferences.judge_model")
         tokenizer = load_tokenizer(path, model_config.trust_remote_code)
         return cls(load_reward_model(path, model_config, tokenizer), tokenizer, batch_size)
 

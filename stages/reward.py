@@ -18,6 +18,8 @@ from rich.console import Console
 from safetensors.torch import save_file
 from trl import RewardConfig, RewardTrainer
 
+from rlhf.data_builders.json_files import iter_json_records, read_utf8
+from rlhf.errors import UserError
 from rlhf.models import load_reward_model, load_tokenizer, peft_lora_config, resolve_model
 from rlhf.reward.judges import score_conversations
 from rlhf.runner import StageContext
@@ -95,7 +97,7 @@ def run(ctx: StageContext) -> dict:
 def use_external_reward_model(ctx: StageContext, evaluation: Dataset) -> dict:
     """Score the held-out pairs with the user's reward model (and its own tokenizer); no training."""
     config = ctx.config
-    path = resolve_model(config.reward.model)
+    path = resolve_model(config.reward.model, "reward.model")
     tokenizer = load_tokenizer(path, config.model.trust_remote_code)
     model = load_reward_model(path, config.model, tokenizer).eval()
     chosen = score_conversations(model, tokenizer, [r["prompt"] + r["chosen"] for r in evaluation])
@@ -109,10 +111,17 @@ def use_external_reward_model(ctx: StageContext, evaluation: Dataset) -> dict:
 
 
 def load_pairs(path: Path) -> Dataset:
-    """Conversational prompt/chosen/rejected rows (judge scores dropped: TRL reads a `margin` column)."""
+    """Conversational prompt/chosen/rejected rows (judge scores dropped: TRL reads a `margin` column).
+    A bad row is a UserError naming the file and line."""
+    if not path.is_file():
+        raise UserError(f"{path}: preference split not found (run the preferences stage)")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            rows.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+    for record in iter_json_records(path, read_utf8(path)):
+        row = record.value
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(row, dict) or not isinstance(row.get(key), list) or not row[key]:
+                raise UserError(f'{record.where}: expected "{key}" to be a non-empty list of messages')
+        rows.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+    if not rows:
+        raise UserError(f"{path}: expected at least one preference pair, found none")
     return Dataset.from_list(rows)

@@ -41,9 +41,9 @@ def test_resolved_config_round_trips(tmp_path):
         ("sft:\n  learning_rat: 1\n", [], "cfg.yaml: unknown key 'sft.learning_rat' (did you mean 'sft.learning_rate'?)"),
         ("lorra:\n  r: 1\n", [], "unknown key 'lorra' (did you mean 'lora'?)"),
         ("instructions:\n  teacher:\n    kin: local\n", [], "unknown key 'instructions.teacher.kin' (did you mean 'instructions.teacher.kind'?)"),
-        ("", ["sft.bach_size=3"], "override: unknown key 'sft.bach_size' (did you mean 'sft.batch_size'?)"),
-        ("", ["sft.batch_size.x=3"], "'sft.batch_size' is a value, not a section"),
-        ("", ["sft.batch_size"], "expected key.sub=value"),
+        ("seed: 0\n", ["sft.bach_size=3"], "override: unknown key 'sft.bach_size' (did you mean 'sft.batch_size'?)"),
+        ("seed: 0\n", ["sft.batch_size.x=3"], "'sft.batch_size' is a value, not a section"),
+        ("seed: 0\n", ["sft.batch_size"], "expected key.sub=value"),
         ("sft:\n  batch_size: many\n", [], "key 'sft.batch_size': Input should be a valid integer"),
         ("model:\n  quantization: 3bit\n", [], "key 'model.quantization': Input should be 'none', '8bit' or '4bit'"),
         ("lora:\n  r: 0\n", [], "key 'lora.r': Input should be greater than 0"),
@@ -60,5 +60,5 @@ def test_bad_configs_name_the_key(tmp_path, text, overrides, message):
 def test_missing_and_non_utf8_files(tmp_path):
     with pytest.raises(UserError, match="nope.yaml: config file not found"):
         load_config(tmp_path / "nope.yaml")
-    with pytest.raises(UserError, match="cfg.yaml: not UTF-8"):
+    with pytest.raises(UserError, match="cfg.yaml:2: expected UTF-8 text, found byte 0xff"):
         load_config(write(tmp_path, b"seed: 1\nrun_name: \xff\xfe\n"))

@@ -94,7 +94,7 @@ def test_graph(capsys):
     [
         (["sft.learnin_rate=1"], "unknown key 'sft.learnin_rate' (did you mean 'sft.learning_rate'?)"),
         (["model.name_or_path=/nonexistent/model"], "model.name_or_path: '/nonexistent/model' is not a model directory"),
-        (["model.name_or_path=no-such-org/no-such-model"], "model.name_or_path: cannot load 'no-such-org/no-such-model'"),
+        (["model.name_or_path=no-such-org/no-such-model"], "model.name_or_path: 'no-such-org/no-such-model' is neither a local directory nor in the Hugging Face cache"),
         (["instructions.seeds=/nonexistent/seeds.jsonl"], "/nonexistent/seeds.jsonl"),
     ],
 )
