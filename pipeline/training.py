@@ -8,6 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 from rlhf.config import PipelineConfig, TrainingSection
+from rlhf.errors import UserError
 from rlhf.models import load_tokenizer, pick_device, pick_dtype
 
 
@@ -49,6 +50,57 @@ class MarkCheckpointComplete(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             (folder / "COMPLETE").write_text(str(state.global_step))
+
+
+class NonFiniteTraining(UserError, FloatingPointError):
+    """A NaN or inf loss or gradient: training stops before the optimizer applies it. A UserError (one
+    line, exit status 2) because the fix is the user's: a lower learning rate, or the data."""
+
+
+class StopOnNonFinite:
+    """Mixin for a transformers Trainer: after each step's backward pass, a non-finite loss or gradient
+    norm stops training before the optimizer step, so no checkpoint ever holds weights it has touched.
+    The newest complete checkpoint is kept (the stage publishes nothing), and the same command resumes
+    from it.
+
+    Checked where gradients are synchronised (every step without accumulation), and agreed across
+    processes, so that under a launcher every rank stops together instead of waiting for the others."""
+
+    def __init__(self, *args, stage: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage = stage
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self.accelerator.sync_gradients:
+            return loss  # a gradient accumulation micro-step: NaNs carry into the accumulated gradients
+        problem = None
+        if not torch.isfinite(loss).all():
+            problem = f"loss ({float(loss.float().mean())})"
+        else:
+            grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else None
+            if norm is not None and not torch.isfinite(norm):
+                problem = f"gradient norm ({float(norm)})"
+        if self.args.world_size > 1:
+            flag = torch.tensor([problem is not None], dtype=torch.float32, device=loss.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() > 0 and problem is None:
+                problem = "loss or gradient on another process"
+        if problem:
+            raise NonFiniteTraining(self._non_finite_message(problem))
+        return loss
+
+    def _non_finite_message(self, problem: str) -> str:
+        last = last_checkpoint(Path(self.args.output_dir))
+        kept = (
+            f"The last good checkpoint ({Path(last).name}) is kept and nothing is published: rerun the same command to resume from it"
+            if last
+            else "No checkpoint was saved yet and nothing is published: a rerun starts over"
+        )
+        return (
+            f"{self.stage} step {self.state.global_step + 1}: non-finite {problem}; stopping. {kept} "
+            f"(if it happens again, lower {self.stage}.learning_rate or check the data)"
+        )
 
 
 def last_checkpoint(checkpoints: Path) -> str | None:

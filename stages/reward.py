@@ -24,7 +24,7 @@ from rlhf.models import load_reward_model, load_tokenizer, peft_lora_config, res
 from rlhf.reward.judges import score_conversations
 from rlhf.runner import StageContext
 from rlhf.tracking import MetricsFile, MetricsFileCallback, start_wandb
-from rlhf.training import MarkCheckpointComplete, last_checkpoint, save_merged, trainer_arguments
+from rlhf.training import MarkCheckpointComplete, StopOnNonFinite, last_checkpoint, save_merged, trainer_arguments
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -48,7 +48,7 @@ def run(ctx: StageContext) -> dict:
         center_rewards_coefficient=settings.center_rewards_coefficient,
         disable_dropout=True,
     )
-    trainer = RewardTrainer(
+    trainer = GuardedRewardTrainer(
         model=model,
         args=args,
         train_dataset=train,
@@ -56,6 +56,7 @@ def run(ctx: StageContext) -> dict:
         processing_class=tokenizer,
         peft_config=peft_lora_config(config.lora, task_type="SEQ_CLS"),
         callbacks=[MetricsFileCallback(metrics), MarkCheckpointComplete()],
+        stage="reward",
     )
 
     # 2. Train; held-out pairwise accuracy and margin before and after.
@@ -92,6 +93,10 @@ def run(ctx: StageContext) -> dict:
         wandb_run.summary.update(result)
         wandb_run.finish()
     return result
+
+
+class GuardedRewardTrainer(StopOnNonFinite, RewardTrainer):
+    """TRL's RewardTrainer, stopped by a non-finite loss or gradient (rlhf.training.StopOnNonFinite)."""
 
 
 def use_external_reward_model(ctx: StageContext, evaluation: Dataset) -> dict:

@@ -17,7 +17,7 @@ from rlhf.data_builders.instructions import read_conversations
 from rlhf.models import load_causal_lm, load_tokenizer, peft_lora_config, resolve_model
 from rlhf.runner import StageContext
 from rlhf.tracking import MetricsFile, MetricsFileCallback, start_wandb
-from rlhf.training import MarkCheckpointComplete, last_checkpoint, save_merged, trainer_arguments
+from rlhf.training import MarkCheckpointComplete, StopOnNonFinite, last_checkpoint, save_merged, trainer_arguments
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -47,6 +47,7 @@ def run(ctx: StageContext) -> dict:
         processing_class=tokenizer,
         peft_config=peft_lora_config(config.lora),
         callbacks=[MetricsFileCallback(metrics), MarkCheckpointComplete()],
+        stage="sft",
     )
 
     # 2. Train, resuming from the last checkpoint of an interrupted attempt with the same fingerprint.
@@ -72,7 +73,7 @@ def run(ctx: StageContext) -> dict:
     return {"eval_loss_before": eval_loss_before, "eval_loss": eval_loss, "train_examples": len(train), "train_steps": train_steps}
 
 
-class SFTTrainerPlainLossOnCPU(SFTTrainer):
+class SFTTrainerPlainLossOnCPU(StopOnNonFinite, SFTTrainer):
     """TRL computes the loss through a tiled LM head that is fast with Triton on a GPU; its CPU
     fallback makes a training step ~25x slower (77 s vs 3 s for SmolLM2-135M, batch 8). On the CPU,
     take the model's own cross-entropy (labels already mask the prompt) instead."""
