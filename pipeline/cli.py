@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from rlhf.errors import UserError
 
@@ -14,6 +15,9 @@ USAGE_EXAMPLES = """examples:
   rlhf run configs/quickstart.yaml --from sft --dry-run
   rlhf status configs/quickstart.yaml
   rlhf graph configs/quickstart.yaml
+  rlhf report runs/quickstart
+  rlhf plot runs/quickstart
+  echo "Give me one tip for sleeping well." | rlhf chat runs/quickstart
 """
 
 
@@ -37,6 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="say what would run and why; run nothing")
     with_config("status", "each stage: up to date, stale (why) or missing")
     with_config("graph", "print the stage graph")
+
+    def with_run_dir(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("run_dir", help="a run directory (a config's output_dir)")
+        sub.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+        return sub
+
+    with_run_dir("report", "print a run's evaluation table (from evaluate/report.json)")
+    plot = with_run_dir("plot", "draw a run's training curves as PNG files")
+    plot.add_argument("--out", help="folder for the PNG files (default: RUN_DIR/plots)")
+    chat = with_run_dir("chat", "answer prompts read from the terminal, one per line, until end of input")
+    chat.add_argument("--stage", choices=("ppo", "sft"), default="ppo", help="ppo (default): the exported model; sft: the merged SFT model")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    chat.add_argument("--top-p", type=float, default=0.9)
+    chat.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -47,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may follow options (`run CONFIG --only sft lora.r=32`): argparse leaves those over.
     args, leftover = parser.parse_known_args(argv)
     unknown = [item for item in leftover if item.startswith("-") or "=" not in item]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown or (leftover and not hasattr(args, "config")):  # only config commands take overrides
+        parser.error(f"unrecognized arguments: {' '.join(unknown or leftover)}")
     args.overrides = [*getattr(args, "overrides", []), *leftover]
     try:
         return COMMANDS[args.command](args)
@@ -78,9 +98,23 @@ def cmd_run(args) -> int:
         return 0
     if not any(d.run for d in decisions):
         print(f"nothing to do: every stage in {config.output_dir} is up to date")
+        print_results(Path(config.output_dir))
         return 0
     run_pipeline(STAGES, config, decisions)
+    print_results(Path(config.output_dir))
     return 0
+
+
+def print_results(run_dir: Path) -> None:
+    """The last lines of `rlhf run`: where the report, the plots and the exported model are, when published."""
+    results = [
+        ("report", run_dir / "evaluate" / "report.md", f"  (table: rlhf report {run_dir})"),
+        ("plots", run_dir / "evaluate" / "plots", ""),
+        ("model", run_dir / "export" / "model", f"  (try it: rlhf chat {run_dir})"),
+    ]
+    for label, path, hint in results:
+        if path.exists():
+            print(f"{label + ':':<8}{path}{hint}")
 
 
 def cmd_status(args) -> int:
@@ -113,7 +147,113 @@ def cmd_graph(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "status": cmd_status, "graph": cmd_graph}
+def published_stage(run_dir: Path, stage: str, needed_for: str) -> Path:
+    """A stage's published folder in a run directory, or a one-line error saying what is missing."""
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    path = run_dir / stage
+    if not (path / "manifest.json").is_file():
+        raise UserError(f"{run_dir}: no published {stage} stage, which {needed_for} needs: run it first (rlhf run CONFIG)")
+    return path
+
+
+def cmd_report(args) -> int:
+    import json
+
+    from rlhf.report import summary_table
+
+    report_file = published_stage(Path(args.run_dir), "evaluate", "rlhf report") / "report.json"
+    print(summary_table(json.loads(report_file.read_text())))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from rlhf.plots import draw_plots
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    metrics_files = {stage: run_dir / stage / "metrics.jsonl" for stage in ("sft", "reward", "ppo")}
+    dest = Path(args.out) if args.out else run_dir / "plots"
+    written = draw_plots(metrics_files, dest)
+    if not written:
+        raise UserError(f"{run_dir}: no training curves to draw (no metrics.jsonl of sft, reward or ppo)")
+    for name in written:
+        print(dest / name)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    model, tokenizer, what = load_chat_model(Path(args.run_dir), args.stage)
+    import torch
+
+    torch.manual_seed(args.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"{what}. One prompt per line (each answered on its own); Ctrl-D ends.")
+    sampling = args.temperature > 0
+    decoding = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0) if sampling else dict(do_sample=False)
+    while True:
+        try:
+            prompt = input("> " if interactive else "").strip()
+        except EOFError:
+            return 0
+        if not prompt:
+            continue
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(model.device)
+        with torch.no_grad():
+            output = model.generate(
+                **inputs,
+                max_new_tokens=args.max_new_tokens,
+                **decoding,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip(), flush=True)
+
+
+def load_chat_model(run_dir: Path, stage: str):
+    """(model, tokenizer, description): the exported model for ppo (or, before export ran, the merged SFT
+    model with the policy adapter), the merged SFT model for sft. Unquantized, on the run's device and dtype."""
+    import yaml
+
+    from rlhf.config import ModelConfig
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    sft_dir = published_stage(run_dir, "sft", f"rlhf chat --stage {stage}") / "merged"
+    exported = run_dir / "export" / "model"
+    adapter = None
+    if stage == "sft":
+        path = sft_dir
+    elif (run_dir / "export" / "manifest.json").is_file():
+        path = exported
+    else:
+        path, adapter = sft_dir, published_stage(run_dir, "ppo", "rlhf chat --stage ppo") / "policy"
+    try:  # the run's model settings (dtype, device, trust_remote_code), where its config.yaml has them
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+        model_config = ModelConfig.model_validate({**saved, "quantization": "none"})
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        model_config = ModelConfig()
+    tokenizer = load_tokenizer(str(path), model_config.trust_remote_code)
+    model = load_causal_lm(str(path), model_config, quantize=False)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    what = f"{stage}: {path}" + (f" + {adapter}" if adapter else "")
+    return model.eval(), tokenizer, what
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "status": cmd_status,
+    "graph": cmd_graph,
+    "report": cmd_report,
+    "plot": cmd_plot,
+    "chat": cmd_chat,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -176,6 +176,34 @@ class PPOConfig(Section):
     """Checkpoint every N steps, so a killed run resumes where it stopped."""
 
 
+class EvaluateConfig(Section):
+    num_prompts: int = Field(64, gt=0)
+    """Held-out prompts from the instruction dataset's eval split (all of them when fewer): never trained on."""
+    max_new_tokens: int = Field(64, gt=0)
+    """Set it to ppo.max_new_tokens to judge the policy at the length it was trained to answer in."""
+    temperature: float = Field(1.0, ge=0)
+    """0: greedy. The KL is measured at this temperature: keep it at ppo.temperature to compare with ppo.kl_budget."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(16, gt=0)
+    judge: Literal["rubric", "llm"] = "rubric"
+    """The gold judge: the rubric (with the eval split's reference answer), or a teacher's pairwise verdicts."""
+    judge_teacher: TeacherConfig = TeacherConfig(temperature=0.0, max_new_tokens=8)
+    """llm judge: a local model or an OpenAI-compatible endpoint (same keys as instructions.teacher)."""
+    num_samples: int = Field(12, ge=0)
+    """Side-by-side samples shown in report.md (every prompt's are in samples.jsonl)."""
+    lm_eval_tasks: list[str] = []
+    """lm-evaluation-harness tasks to run on both models (needs the `lm_eval` package; skipped without it)."""
+    lm_eval_limit: int | None = Field(None, gt=0)
+    """Examples per lm-eval task (None: all)."""
+
+
+class ExportConfig(Section):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights of the exported model; auto: as the merged SFT model (model.dtype, float32 on a CPU)."""
+    name: str | None = None
+    """The model's name in its model card; default: the base model's name + "-rlhf-ppo"."""
+
+
 class PipelineConfig(Section):
     output_dir: str = "runs/default"
     run_name: str | None = None
@@ -189,6 +217,8 @@ class PipelineConfig(Section):
     preferences: PreferencesConfig = PreferencesConfig()
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
 
 
 _SECTIONS = {

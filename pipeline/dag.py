@@ -62,4 +62,18 @@ STAGES: list[Stage] = [
         upstream=("instructions", "sft", "reward"),
         outputs=("policy", "value", "metrics.jsonl", "samples.jsonl"),
     ),
+    Stage(
+        name="evaluate",
+        module="rlhf.stages.evaluate",
+        reads=("seed", "model", "evaluate", "ppo.kl_budget"),
+        upstream=("instructions", "sft", "reward", "ppo"),
+        outputs=("report.json", "report.md", "samples.jsonl", "plots"),
+    ),
+    Stage(
+        name="export",
+        module="rlhf.stages.export",
+        reads=("seed", "model.name_or_path", "model.dtype", "model.trust_remote_code", "lora", "export"),
+        upstream=("sft", "ppo", "evaluate"),
+        outputs=("model", "adapter"),
+    ),
 ]

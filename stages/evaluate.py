@@ -1,0 +1,350 @@
+"""The evaluate stage: the SFT model against the PPO policy on held-out prompts.
+
+Both models answer the instruction dataset's eval split (never trained on) with the same decoding
+settings and seed. They are one resident backbone, as in the ppo stage: the merged SFT model with
+the PPO policy adapter switched on (PPO) or all adapters disabled (SFT), plus the reward adapter and
+score head (the proxy reward, computed exactly as PPO's `Roles.scores`). For each model it measures:
+- proxy reward: the learned reward model's score (or the external reward model's, when the reward
+  stage used one);
+- gold reward: the rubric judge with the eval split's reference answer, or a teacher's pairwise
+  verdicts with `evaluate.judge: llm`;
+- KL to SFT: per response, the sum over its tokens of log π_ppo − log π_sft on the model's own
+  samples (0 for SFT), at the sampling temperature, the quantity ppo.kl_budget bounds;
+- response length in tokens and the fraction of responses that ended with EOS.
+Then PPO's win rate over SFT under the gold judge (ties counted apart) and a reward-hacking flag
+(proxy up, gold down). Optionally lm-evaluation-harness tasks on both models.
+
+Outputs: `report.json`, `report.md` (table, plots, side-by-side samples), `samples.jsonl` (every
+prompt), `plots/` (PNG training curves from the sft, reward and ppo metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, set_peft_model_state_dict
+from rich.console import Console
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
+
+from rlhf.data_builders.instructions import read_conversations
+from rlhf.data_builders.teacher import build_teacher
+from rlhf.errors import UserError
+from rlhf.models import load_causal_lm, load_tokenizer, pick_device, pick_dtype
+from rlhf.plots import draw_plots
+from rlhf.report import MODELS, markdown_report, reward_hacking, summary_table, verdict_scores, win_rate
+from rlhf.reward.judges import Candidate, LLMJudge, RewardModelJudge, RubricJudge
+from rlhf.runner import StageContext, process_rank
+from rlhf.stages.ppo import RepairNonFinite, Roles
+from rlhf.stages.ppo_math import truncate_after_eos
+from rlhf.tracking import start_wandb
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+def run(ctx: StageContext) -> dict:
+    config, settings = ctx.config, ctx.config.evaluate
+
+    # 1. Setup: held-out prompts; one backbone (the merged SFT model) carrying the policy adapter and,
+    #    unless the reward stage used an external model, the reward adapter and score head.
+    examples = load_eval_examples(ctx.inputs["instructions"] / "eval.jsonl", settings.num_prompts)
+    backbone_dir = str(ctx.inputs["sft"] / "merged")
+    tokenizer = load_tokenizer(backbone_dir, config.model.trust_remote_code)
+    tokenizer.padding_side = "left"
+    backbone = load_causal_lm(backbone_dir, config.model)
+    model = PeftModel.from_pretrained(backbone, ctx.inputs["ppo"] / "policy", adapter_name="policy")
+    external = read_external_reward_model(ctx.inputs["reward"])
+    reward_head = None if external else attach_reward_adapter(model, ctx.inputs["reward"])
+    model.eval()
+    roles = Roles(model, None, reward_head, [])
+    prompts = [
+        list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        for prompt, _ in examples
+    ]
+    logprob_temperature = settings.temperature or 1.0  # greedy: the models' own distributions
+    console.print(
+        f"evaluate: {len(examples)} held-out prompts, SFT vs PPO (temperature {settings.temperature:g}, "
+        f"top_p {settings.top_p:g}, max_new_tokens {settings.max_new_tokens}, seed {config.seed})"
+    )
+
+    # 2. Generate with both models, batch by batch with the same seed, and measure what needs the
+    #    backbone: token counts, EOS, the KL of PPO's samples to SFT, and the proxy reward.
+    measured: dict[str, dict[str, list]] = {m: {"text": [], "length": [], "finished": [], "kl": [], "proxy": []} for m in MODELS}
+    nonfinite = 0
+    with tqdm(total=2 * len(prompts), desc="evaluate: generating", unit="response") as progress:
+        for start in range(0, len(prompts), settings.batch_size):
+            batch = prompts[start : start + settings.batch_size]
+            for name in MODELS:
+                torch.manual_seed(config.seed + start)  # the same seed for both models
+                rollout = sample(roles, tokenizer, batch, settings, use_policy=name == "ppo")
+                nonfinite += rollout["repaired"]
+                mask = rollout["mask"]
+                with torch.no_grad():
+                    if name == "ppo":
+                        logprobs, _ = roles.policy_logprobs(rollout, logprob_temperature)
+                        ref_logprobs, _ = roles.reference_logprobs(rollout, logprob_temperature)
+                        kl = ((logprobs - ref_logprobs) * mask).sum(1).tolist()
+                    else:
+                        kl = [0.0] * len(batch)  # SFT is the reference: log π_sft − log π_sft
+                    proxy = roles.scores(rollout).tolist() if reward_head is not None else [None] * len(batch)
+                record = measured[name]
+                record["text"] += decode_responses(tokenizer, rollout)
+                record["length"] += mask.sum(1).long().tolist()
+                record["finished"] += rollout["finished"].tolist()
+                record["kl"] += kl
+                record["proxy"] += proxy
+                progress.update(len(batch))
+    del roles, model, backbone  # free the backbone before loading any judge model
+
+    # 3. Proxy reward from the external reward model, when the reward stage used one.
+    candidates = {
+        name: [
+            Candidate(prompt, text, finished, reference)
+            for (prompt, reference), text, finished in zip(examples, measured[name]["text"], measured[name]["finished"])
+        ]
+        for name in MODELS
+    }
+    if external:
+        judge = RewardModelJudge.load(external, config.model, settings.batch_size)
+        for name in MODELS:
+            measured[name]["proxy"] = judge.scores(candidates[name])
+        del judge
+
+    # 4. Gold reward: the rubric with the reference answer, or a teacher's pairwise verdicts.
+    if settings.judge == "rubric":
+        for name in MODELS:
+            measured[name]["gold"] = RubricJudge().scores(candidates[name])
+    else:
+        teacher = build_teacher(settings.judge_teacher, config.model)
+        verdicts = LLMJudge(teacher, seed=config.seed).verdicts(list(zip(candidates["ppo"], candidates["sft"])))
+        measured["ppo"]["gold"], measured["sft"]["gold"] = verdict_scores(verdicts)
+
+    # 5. The report: per-model means, the win rate, the reward-hacking flag, the KL budget.
+    models = {name: summarize(measured[name]) for name in MODELS}
+    report = {
+        "prompts": len(examples),
+        "decoding": {
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "max_new_tokens": settings.max_new_tokens,
+            "seed": config.seed,
+        },
+        "proxy_reward_model": f"external reward model {external}" if external else "reward stage (adapter + score head)",
+        "judge": settings.judge,
+        "models": models,
+        "win_rate": win_rate(measured["ppo"]["gold"], measured["sft"]["gold"]),
+        "reward_hacking": reward_hacking(
+            models["sft"]["proxy_reward"], models["ppo"]["proxy_reward"], models["sft"]["gold_reward"], models["ppo"]["gold_reward"]
+        ),
+        "kl_budget": config.ppo.kl_budget,
+        "kl_within_budget": models["ppo"]["kl"] <= config.ppo.kl_budget,
+        "nonfinite_samples": nonfinite,
+    }
+    samples = sample_rows(examples, measured)
+
+    # 6. Optional: lm-evaluation-harness on both models (needs the lm_eval package; never installed for you).
+    report["lm_eval"] = run_lm_eval(settings, ctx.inputs["sft"] / "merged", ctx.inputs["ppo"] / "policy", config)
+
+    # 7. Save: report.json, samples.jsonl, the training curves, report.md; the same to wandb.
+    (ctx.out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    with (ctx.out_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
+        for row in samples:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    metrics_files = {stage: ctx.inputs[stage] / "metrics.jsonl" for stage in ("sft", "reward", "ppo")}
+    plots = draw_plots(metrics_files, ctx.out_dir / "plots")
+    (ctx.out_dir / "report.md").write_text(markdown_report(report, samples, plots, settings.num_samples), encoding="utf-8")
+    summary = flat_summary(report)
+    if process_rank() == 0:
+        log_to_wandb(ctx, summary, samples, plots)
+    console.print(summary_table(report), markup=False)
+    return summary
+
+
+# --- prompts and models -------------------------------------------------------------------------
+
+
+def load_eval_examples(path: Path, count: int) -> list[tuple[list[dict], str]]:
+    """(prompt conversation, reference answer) for the first `count` rows of the eval split."""
+    examples = [(messages[:-1], messages[-1]["content"]) for messages in read_conversations(path)][:count]
+    if not examples:
+        raise UserError(f"{path}: no held-out prompts to evaluate on")
+    return examples
+
+
+def read_external_reward_model(reward_dir: Path) -> str | None:
+    """The reward model the reward stage used as is (its `external.json`), or None when it trained one."""
+    path = reward_dir / "external.json"
+    return json.loads(path.read_text())["model"] if path.is_file() else None
+
+
+def attach_reward_adapter(model, reward_dir: Path) -> torch.nn.Linear:
+    """Add the reward stage's LoRA as the `reward` adapter; return its score head (as the ppo stage does)."""
+    saved = PeftLoraConfig.from_pretrained(reward_dir / "adapter")
+    lora = PeftLoraConfig(
+        r=saved.r, lora_alpha=saved.lora_alpha, lora_dropout=0.0, target_modules=saved.target_modules, task_type="CAUSAL_LM"
+    )
+    weights = load_file(reward_dir / "adapter" / "adapter_model.safetensors")
+    score_weight = weights.pop("base_model.model.score.weight")
+    model.add_adapter("reward", lora)
+    result = set_peft_model_state_dict(model, weights, adapter_name="reward")
+    if result.unexpected_keys:
+        raise RuntimeError(f"reward adapter does not fit the backbone: {result.unexpected_keys[:3]}")
+    device = next(model.parameters()).device
+    head = torch.nn.Linear(score_weight.shape[1], 1, bias=False).to(device)
+    with torch.no_grad():
+        head.weight.copy_(score_weight)
+    return head.requires_grad_(False)
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample(roles: Roles, tokenizer, batch: list[list[int]], settings, use_policy: bool) -> dict:
+    """Left-padded prompts + responses of the policy (adapter on) or of SFT (adapters off), cut after EOS,
+    in the layout `Roles` reads (input ids, masks, position ids, context length)."""
+    model = roles.model
+    width = max(len(p) for p in batch)
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    prompt_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+    guard = RepairNonFinite()
+    if settings.temperature > 0:
+        # top_k=0 explicitly: otherwise a model's generation config (often top_k=50) would narrow the sampling.
+        decoding = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    else:
+        decoding = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    roles.use("policy")
+    with contextlib.nullcontext() if use_policy else model.disable_adapter():
+        output = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            max_new_tokens=settings.max_new_tokens,
+            **decoding,
+            logits_processor=LogitsProcessorList([guard]),
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    responses, mask, finished = truncate_after_eos(output[:, width:], tokenizer.eos_token_id, pad)
+    attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
+    return {
+        "input_ids": torch.cat([prompt_ids, responses], dim=1),
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0),
+        "context_length": width,
+        "mask": mask,
+        "finished": finished,
+        "repaired": int(guard.bad_rows.sum().item()) if guard.bad_rows is not None else 0,
+    }
+
+
+def decode_responses(tokenizer, rollout: dict) -> list[str]:
+    context = rollout["context_length"]
+    lengths = rollout["mask"].sum(1).long().tolist()
+    return [
+        tokenizer.decode(rollout["input_ids"][i, context : context + n], skip_special_tokens=True).strip()
+        for i, n in enumerate(lengths)
+    ]
+
+
+# --- aggregation and outputs --------------------------------------------------------------------
+
+
+def summarize(record: dict[str, list]) -> dict:
+    def mean(values):
+        return sum(values) / len(values) if values else 0.0
+
+    return {
+        "proxy_reward": mean(record["proxy"]),
+        "gold_reward": mean(record["gold"]),
+        "kl": mean(record["kl"]),
+        "response_length": mean(record["length"]),
+        "eos_fraction": mean([float(f) for f in record["finished"]]),
+    }
+
+
+def sample_rows(examples, measured) -> list[dict]:
+    rows = []
+    for i, (prompt, reference) in enumerate(examples):
+        row = {"prompt": prompt[-1]["content"], "reference": reference}
+        for name in MODELS:
+            record = measured[name]
+            row |= {
+                f"{name}_response": record["text"][i],
+                f"{name}_proxy": round(record["proxy"][i], 4),
+                f"{name}_gold": round(record["gold"][i], 4),
+                f"{name}_kl": round(record["kl"][i], 4),
+                f"{name}_length": record["length"][i],
+                f"{name}_finished": record["finished"][i],
+            }
+        rows.append(row)
+    return rows
+
+
+def flat_summary(report: dict) -> dict:
+    """The manifest's metrics and wandb's summary: one flat dict of numbers and flags."""
+    summary = {f"{name}/{key}": value for name in MODELS for key, value in report["models"][name].items()}
+    wins = report["win_rate"]
+    summary |= {
+        "win_rate": wins["win_rate"],
+        "win_rate_ties_half": wins["win_rate_ties_half"],
+        "wins": wins["wins"],
+        "ties": wins["ties"],
+        "losses": wins["losses"],
+        "reward_hacking": report["reward_hacking"],
+        "kl_within_budget": report["kl_within_budget"],
+        "prompts": report["prompts"],
+    }
+    return summary
+
+
+def log_to_wandb(ctx: StageContext, summary: dict, samples: list[dict], plots: list[str]) -> None:
+    wandb_run = start_wandb(ctx.config, "evaluate", ctx.run_dir)
+    if wandb_run is None:
+        return
+    import wandb
+
+    columns = ["prompt", "sft_response", "ppo_response", "sft_proxy", "ppo_proxy", "sft_gold", "ppo_gold", "ppo_kl"]
+    table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in samples])
+    images = {f"plots/{name}": wandb.Image(str(ctx.out_dir / "plots" / name)) for name in plots}
+    wandb_run.log({"samples": table, **images})
+    wandb_run.summary.update(summary)
+    wandb_run.finish()
+
+
+def run_lm_eval(settings, sft_dir: Path, policy_dir: Path, config) -> dict:
+    """lm-evaluation-harness on the SFT model and on SFT + policy adapter (its `peft` argument), when asked
+    for and installed; otherwise a record of what was skipped and why."""
+    tasks = list(settings.lm_eval_tasks)
+    if not tasks:
+        return {"tasks": [], "skipped": "no tasks configured (evaluate.lm_eval_tasks is empty)"}
+    try:
+        import lm_eval
+    except ImportError:
+        reason = "the lm_eval package is not installed (pip install 'lm-eval[hf]' to run these tasks)"
+        console.print(f"evaluate: lm-eval tasks {', '.join(tasks)} skipped: {reason}", markup=False)
+        return {"tasks": tasks, "skipped": reason}
+    common = {
+        "dtype": str(pick_dtype(config.model)).removeprefix("torch."),
+        "device": pick_device(config.model),
+        "trust_remote_code": config.model.trust_remote_code,
+    }
+    results = {}
+    for name, model_args in (("sft", {"pretrained": str(sft_dir)}), ("ppo", {"pretrained": str(sft_dir), "peft": str(policy_dir)})):
+        console.print(f"evaluate: lm-eval {', '.join(tasks)} on {name}")
+        output = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={**model_args, **common},
+            tasks=tasks,
+            limit=settings.lm_eval_limit,
+            batch_size=settings.batch_size,
+        )
+        # Task metrics only; lm-eval's numbers may be numpy types or "N/A": keep what JSON can hold.
+        results[name] = json.loads(json.dumps(output["results"], default=str))
+    return {"tasks": tasks, "limit": settings.lm_eval_limit, "results": results}

@@ -1,0 +1,165 @@
+"""The export stage: the PPO policy as a model to ship.
+
+Outputs:
+- `model/`: the merged SFT model with the PPO policy adapter merged in, in full precision (never
+  quantized): safetensors weights, tokenizer with its chat template, a generation config set to the
+  decoding the evaluate stage measured, and a README.md model card (base model, data, stages with
+  their fingerprints and metrics, evaluation results). Plain `AutoModelForCausalLM.from_pretrained`
+  loads it;
+- `adapter/`: the policy adapter alone (a LoRA on the merged SFT model, `sft/merged/`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from rich.console import Console
+
+from rlhf.config import EMBEDDED_MODEL
+from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.report import summary_table
+from rlhf.runner import StageContext
+
+console = Console(highlight=False, soft_wrap=True)
+
+# The stages whose manifests the model card lists, in pipeline order.
+CARD_STAGES = ("instructions", "sft", "preferences", "reward", "ppo", "evaluate")
+HUB_NAMES = {EMBEDDED_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def run(ctx: StageContext) -> dict:
+    config, settings = ctx.config, ctx.config.export
+    sft_dir, policy_dir = ctx.inputs["sft"] / "merged", ctx.inputs["ppo"] / "policy"
+    report = json.loads((ctx.inputs["evaluate"] / "report.json").read_text())
+
+    # 1. Setup: the merged SFT model, unquantized on the CPU (a merge must not go into 4-bit weights),
+    #    with the policy adapter on top.
+    dtype = config.model.dtype if settings.dtype == "auto" else settings.dtype
+    model_config = config.model.model_copy(update={"quantization": "none", "device": "cpu", "dtype": dtype})
+    tokenizer = load_tokenizer(str(sft_dir), config.model.trust_remote_code)
+    policy = PeftModel.from_pretrained(load_causal_lm(str(sft_dir), model_config), policy_dir).eval()
+
+    # 2. Merge, and check the merged weights give the logits the adapter gave.
+    probe = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say hello."}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        before = policy(**probe).logits.float()
+        merged = policy.merge_and_unload()
+        after = merged(**probe).logits.float()
+    merge_error = (before - after).abs().max().item()
+    tolerance = 1e-3 if merged.dtype == torch.float32 else 5e-2 * before.abs().max().item()
+    if merge_error > tolerance:
+        raise RuntimeError(f"export: merged logits differ from the adapter's by {merge_error:.3g} (tolerance {tolerance:.3g})")
+
+    # 3. Save the model, tokenizer (with its chat template) and a generation config with the evaluated decoding.
+    model_dir = ctx.out_dir / "model"
+    set_generation_config(merged, tokenizer, report["decoding"])
+    merged.save_pretrained(model_dir)  # safetensors only
+    tokenizer.save_pretrained(model_dir)
+    (model_dir / "README.md").write_text(model_card(ctx, report), encoding="utf-8")
+
+    # 4. Keep the adapter-only form beside it.
+    shutil.copytree(policy_dir, ctx.out_dir / "adapter")
+    size_mb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
+    console.print(f"export: {ctx.run_dir / 'export' / 'model'} ({size_mb:.1f} MB of {merged.dtype} weights; merge check max |Δlogit| {merge_error:.2g})")
+    return {"dtype": str(merged.dtype).removeprefix("torch."), "size_mb": round(size_mb, 2), "merge_max_abs_logit_diff": merge_error}
+
+
+def set_generation_config(model, tokenizer, decoding: dict) -> None:
+    """The decoding the evaluate stage measured becomes the model's default; EOS and pad from the tokenizer."""
+    generation = model.generation_config
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.max_new_tokens = decoding["max_new_tokens"]
+    if decoding["temperature"] > 0:
+        generation.do_sample = True
+        generation.temperature = decoding["temperature"]
+        generation.top_p = decoding["top_p"]
+        generation.top_k = 0  # as evaluated: no top-k cut
+    else:
+        generation.do_sample = False
+        generation.temperature = generation.top_p = generation.top_k = None
+
+
+# --- the model card -----------------------------------------------------------------------------
+
+
+def model_card(ctx: StageContext, report: dict) -> str:
+    config = ctx.config
+    base = config.model.name_or_path
+    hub_base = HUB_NAMES.get(base, base if _looks_like_hub_id(base) else None)
+    name = config.export.name or f"{Path(hub_base or base).name}-rlhf-ppo"
+    manifests = {stage: _read_json(ctx.run_dir / stage / "manifest.json") for stage in CARD_STAGES}
+    instructions = _read_json(ctx.run_dir / "instructions" / "stats.json")
+    preferences = _read_json(ctx.run_dir / "preferences" / "stats.json")
+
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [rlhf, ppo, lora]"]
+    if hub_base:
+        front.append(f"base_model: {hub_base}")
+    front.append("---")
+    lines = [
+        *front,
+        "",
+        f"# {name}",
+        "",
+        f"`{base}`{f' ({hub_base})' if hub_base and hub_base != base else ''}, fine-tuned with supervised "
+        "fine-tuning (LoRA) and then PPO against a learned reward model, by rlhf-pipeline. The LoRA adapters are "
+        "merged: this folder is a plain transformers model.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/model")',
+        'model = AutoModelForCausalLM.from_pretrained("PATH/TO/model")',
+        'ids = tokenizer.apply_chat_template([{"role": "user", "content": "Give me one tip for sleeping well."}],',
+        "                                    add_generation_prompt=True, return_tensors='pt', return_dict=True)",
+        "print(tokenizer.decode(model.generate(**ids)[0][ids['input_ids'].shape[1]:], skip_special_tokens=True))",
+        "```",
+        "",
+        "The generation config holds the decoding it was evaluated with "
+        f"(temperature {report['decoding']['temperature']:g}, top_p {report['decoding']['top_p']:g}, "
+        f"max_new_tokens {report['decoding']['max_new_tokens']}). `../adapter/` is the PPO policy alone, a LoRA "
+        "adapter on the merged SFT model (`sft/merged/` of the run).",
+        "",
+        "## Data",
+        "",
+    ]
+    if instructions:
+        lines.append(
+            f"- instructions: {instructions.get('train', '?')} train / {instructions.get('eval', '?')} held-out "
+            f"conversations ({instructions.get('seeds', '?')} seed instructions, self-instruct expansion by a teacher model)"
+        )
+    if preferences:
+        lines.append(
+            f"- preference pairs: {preferences.get('train', '?')} train / {preferences.get('eval', '?')} held-out "
+            f"(source: {preferences.get('source', '?')}{', judge: ' + preferences['judge'] if 'judge' in preferences else ''})"
+        )
+    lines += ["", "## Evaluation", "", summary_table(report), "", "## Stages", "", "| stage | fingerprint | finished | metrics |", "|---|---|---|---|"]
+    for stage, manifest in manifests.items():
+        if manifest:
+            metrics = ", ".join(f"{k}={_short(v)}" for k, v in manifest.get("metrics", {}).items())
+            lines.append(f"| {stage} | `{manifest['fingerprint'][:12]}` | {manifest.get('finished_at', '')} | {metrics} |")
+    lines += ["", f"LoRA r={config.lora.r}, alpha={config.lora.alpha}; seed {config.seed}.", ""]
+    return "\n".join(lines)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
