@@ -20,8 +20,8 @@ from rlhf.data_builders.instructions import read_conversations, write_jsonl
 from rlhf.data_builders.preference_import import load_preference_pairs, pair_to_row
 from rlhf.data_builders.teacher import build_teacher
 from rlhf.errors import UserError
-from rlhf.generation import generate_chat
-from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.generation import generate_chat, prompt_lengths
+from rlhf.models import load_causal_lm, load_tokenizer, prompt_budget
 from rlhf.reward.judges import Candidate, LLMJudge, RewardModelJudge, RubricJudge
 from rlhf.runner import StageContext
 
@@ -62,8 +62,8 @@ def run(ctx: StageContext) -> dict:
 def generate_pairs(ctx: StageContext) -> tuple[list[dict], dict]:
     config, settings = ctx.config, ctx.config.preferences
     prompts = sample_prompts(ctx.inputs["instructions"] / "train.jsonl", settings.num_prompts, config.seed)
-    groups = sample_responses(ctx.inputs["sft"] / "merged", prompts, config)
-    dropped: Counter = Counter()
+    groups, too_long = sample_responses(ctx.inputs["sft"] / "merged", prompts, config)
+    dropped: Counter = Counter({"prompt_too_long": too_long} if too_long else {})
     rows: list[dict] = []
     margins: list[float] = []
 
@@ -121,11 +121,26 @@ def sample_prompts(path: Path, count: int, seed: int) -> list[tuple[list[dict], 
     return random.Random(seed).sample(examples, min(count, len(examples)))
 
 
-def sample_responses(model_dir: Path, prompts: list[tuple[list[dict], str]], config: PipelineConfig) -> list[list[Candidate]]:
-    """K sampled responses of the SFT model for each prompt, grouped by prompt."""
+def sample_responses(
+    model_dir: Path, prompts: list[tuple[list[dict], str]], config: PipelineConfig
+) -> tuple[list[list[Candidate]], int]:
+    """K sampled responses of the SFT model for each prompt, grouped by prompt; and how many prompts were
+    dropped for leaving no room for preferences.max_new_tokens in the model's context."""
     settings = config.preferences
     tokenizer = load_tokenizer(str(model_dir), config.model.trust_remote_code)
     model = load_causal_lm(str(model_dir), config.model, quantize=False).eval()
+    budget = prompt_budget(model, settings.max_new_tokens, "preferences.max_new_tokens")
+    if budget is not None:
+        fits = [length <= budget for length in prompt_lengths(tokenizer, [prompt for prompt, _ in prompts])]
+        too_long = len(prompts) - sum(fits)
+        if too_long:
+            console.print(
+                f"preferences: dropped {too_long} of {len(prompts)} prompts longer than {budget} tokens "
+                f"(the model's context minus preferences.max_new_tokens={settings.max_new_tokens})"
+            )
+        prompts = [p for p, fit in zip(prompts, fits) if fit]
+    else:
+        too_long = 0
     k = settings.samples_per_prompt
     console.print(f"preferences: sampling {k} responses for each of {len(prompts)} prompts from {model_dir}")
     generations = generate_chat(
@@ -144,7 +159,7 @@ def sample_responses(model_dir: Path, prompts: list[tuple[list[dict], str]], con
         Candidate(prompt, g.text, g.finished, reference)
         for (prompt, reference), g in zip([p for p in prompts for _ in range(k)], generations)
     ]
-    return [candidates[i : i + k] for i in range(0, len(candidates), k)]
+    return [candidates[i : i + k] for i in range(0, len(candidates), k)], too_long
 
 
 def pair_row(best: Candidate, worst: Candidate, best_score: float, worst_score: float) -> dict:

@@ -70,3 +70,11 @@ def generate_chat(
     finally:
         tokenizer.padding_side = padding_side
     return replies
+
+
+def prompt_lengths(tokenizer, conversations: list[Conversation]) -> list[int]:
+    """Tokens of each conversation as a prompt (chat template and generation prompt), as generation sees it."""
+    return [
+        len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        for c in conversations
+    ]

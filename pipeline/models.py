@@ -269,6 +269,27 @@ def _keep_4bit_layers_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def context_length(model) -> int | None:
+    """The longest sequence a model (or its config) was built for, in tokens; None when its config does not say."""
+    config = getattr(model, "config", model)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def prompt_budget(model, max_new_tokens: int, key: str) -> int | None:
+    """The most tokens a prompt may have for `max_new_tokens` (the config key `key`) to still fit in the
+    model's context; None when the context is unknown. A longer prompt is dropped and counted."""
+    context = context_length(model)
+    if context is None:
+        return None
+    if max_new_tokens >= context:
+        raise UserError(f"{key}={max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens")
+    return context - max_new_tokens
+
+
 def peft_lora_config(lora: LoraConfig, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig as PeftLoraConfig
 

@@ -71,7 +71,11 @@ def run(ctx: StageContext) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / settings.steps)
     kl_ctl = kl_controller(settings.kl_coef, settings.target_kl, settings.kl_horizon)
-    prompts = load_prompts(ctx.inputs["instructions"] / "train.jsonl", tokenizer, settings.num_prompts, config.seed)
+    prompt_counts: dict = {}  # prompts dropped for leaving no room for ppo.max_new_tokens in the context
+    prompts = load_prompts(
+        ctx.inputs["instructions"] / "train.jsonl", tokenizer, settings.num_prompts, config.seed,
+        backbone, settings.max_new_tokens, prompt_counts,
+    )
     roles = Roles(model, value_head, reward_head, trainable)
     rank = accelerator.process_index  # under `accelerate launch`, each process samples its own prompts
 
@@ -175,6 +179,7 @@ def run(ctx: StageContext) -> dict:
         "score_last": last.get("objective/scores"),
         "kl_last": last.get("objective/kl"),
         "resident_backbones": count_resident_models(),
+        "prompts_too_long": prompt_counts["too_long"],
         "processes": accelerator.num_processes,
         "ranks_agree": bool((checksums == checksums[0]).all()),
         "peak_memory_mb": max((h["memory/peak_mb"] for h in history), default=None),
@@ -393,15 +398,29 @@ def _check_finite(value: torch.Tensor, what: str, step: int) -> None:
 # --- data, logging, checkpoints -----------------------------------------------------------------
 
 
-def load_prompts(path: Path, tokenizer, count: int, seed: int) -> list[list[int]]:
-    """Token ids of up to `count` chat prompts, tokenized once."""
+def load_prompts(
+    path: Path, tokenizer, count: int, seed: int, model=None, max_new_tokens: int = 0, counts: dict | None = None
+) -> list[list[int]]:
+    """Token ids of up to `count` chat prompts, tokenized once. With the `model`, prompts that leave no room
+    for `max_new_tokens` in its context are dropped first; `counts["too_long"]` says how many."""
+    from rlhf.models import prompt_budget
+
     prompts = []
     for messages in read_conversations(path):
         encoded = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)
         prompts.append(list(encoded["input_ids"]))
-    if not prompts:
-        raise UserError(f"{path}: no prompts for PPO")
-    return random.Random(seed).sample(prompts, min(count, len(prompts)))
+    budget = prompt_budget(model, max_new_tokens, "ppo.max_new_tokens") if model is not None else None
+    fit = [p for p in prompts if budget is None or len(p) <= budget]
+    if counts is not None:
+        counts["too_long"] = len(prompts) - len(fit)
+    if len(fit) < len(prompts):
+        console.print(
+            f"ppo: dropped {len(prompts) - len(fit)} of {len(prompts)} prompts longer than {budget} tokens "
+            f"(the model's context minus ppo.max_new_tokens={max_new_tokens})"
+        )
+    if not fit:
+        raise UserError(f"{path}: no prompts for PPO" + (f" of at most {budget} tokens" if prompts else ""))
+    return random.Random(seed).sample(fit, min(count, len(fit)))
 
 
 def log_samples(path: Path, wandb_run, step: int, batch, rollout, tokenizer, scores) -> None:

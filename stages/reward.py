@@ -58,6 +58,23 @@ def run(ctx: StageContext) -> dict:
         callbacks=[MetricsFileCallback(metrics), MarkCheckpointComplete()],
         stage="reward",
     )
+    # TRL drops pairs whose chosen or rejected conversation is longer than reward.max_length: count them.
+    too_long = {
+        "train_dropped_too_long": len(train) - len(trainer.train_dataset),
+        "eval_dropped_too_long": len(evaluation) - len(trainer.eval_dataset),
+    }
+    if any(too_long.values()):
+        console.print(
+            f"reward: dropped {too_long['train_dropped_too_long']} training and {too_long['eval_dropped_too_long']} "
+            f"held-out pairs longer than reward.max_length={settings.max_length} tokens"
+        )
+    for name, prepared in (("training", trainer.train_dataset), ("held-out", trainer.eval_dataset)):
+        if not len(prepared):
+            raise UserError(
+                f"reward: every {name} pair is longer than reward.max_length={settings.max_length} tokens: "
+                "raise reward.max_length"
+            )
+    eval_pairs = len(trainer.eval_dataset)
 
     # 2. Train; held-out pairwise accuracy and margin before and after.
     before = trainer.evaluate()
@@ -70,7 +87,7 @@ def run(ctx: StageContext) -> dict:
     train_steps = trainer.state.global_step
     console.print(
         f"reward: held-out accuracy {before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}, "
-        f"margin {before['eval_margin']:.3f} -> {after['eval_margin']:.3f} ({len(evaluation)} pairs)"
+        f"margin {before['eval_margin']:.3f} -> {after['eval_margin']:.3f} ({eval_pairs} pairs)"
     )
 
     # 3. Save the adapter and score head (for PPO's shared backbone) and a standalone merged model.
@@ -85,8 +102,9 @@ def run(ctx: StageContext) -> dict:
         "eval_accuracy": after["eval_accuracy"],
         "eval_margin": after["eval_margin"],
         "eval_accuracy_before": before["eval_accuracy"],
-        "eval_pairs": len(evaluation),
+        "eval_pairs": eval_pairs,
         "train_pairs": len(train),
+        **too_long,
         "train_steps": train_steps,
     }
     if wandb_run:

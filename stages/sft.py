@@ -14,6 +14,7 @@ from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
 from rlhf.data_builders.instructions import read_conversations
+from rlhf.errors import UserError
 from rlhf.models import load_causal_lm, load_tokenizer, peft_lora_config, resolve_model
 from rlhf.runner import StageContext
 from rlhf.tracking import MetricsFile, MetricsFileCallback, start_wandb
@@ -49,6 +50,9 @@ def run(ctx: StageContext) -> dict:
         callbacks=[MetricsFileCallback(metrics), MarkCheckpointComplete()],
         stage="sft",
     )
+    too_long = count_too_long(
+        tokenizer, settings.max_length, train=(train, trainer.train_dataset), eval=(evaluation, trainer.eval_dataset)
+    )
 
     # 2. Train, resuming from the last checkpoint of an interrupted attempt with the same fingerprint.
     eval_loss_before = trainer.evaluate()["eval_loss"]
@@ -70,7 +74,13 @@ def run(ctx: StageContext) -> dict:
     if wandb_run:
         wandb_run.summary.update({"eval_loss_before": eval_loss_before, "eval_loss": eval_loss})
         wandb_run.finish()
-    return {"eval_loss_before": eval_loss_before, "eval_loss": eval_loss, "train_examples": len(train), "train_steps": train_steps}
+    return {
+        "eval_loss_before": eval_loss_before,
+        "eval_loss": eval_loss,
+        "train_examples": len(train),
+        "train_steps": train_steps,
+        **too_long,
+    }
 
 
 class SFTTrainerPlainLossOnCPU(StopOnNonFinite, SFTTrainer):
@@ -82,6 +92,34 @@ class SFTTrainerPlainLossOnCPU(StopOnNonFinite, SFTTrainer):
         if self.args.use_cpu:
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def count_too_long(tokenizer, max_length: int, **splits: tuple[Dataset, Dataset]) -> dict:
+    """For each split (name=(rows, as TRL prepared them)): the examples longer than `max_length` tokens that
+    TRL truncated, and those it dropped because their prompt alone fills `max_length` (no answer token left)."""
+    counts = {}
+    for name, (rows, prepared) in splits.items():
+        lengths = [
+            len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True)["input_ids"])
+            for row in rows
+        ]
+        dropped = len(rows) - len(prepared)
+        if not len(prepared):
+            raise UserError(
+                f"sft: every {name} example's prompt is longer than sft.max_length={max_length} tokens: raise sft.max_length"
+            )
+        counts[f"{name}_truncated"] = sum(length > max_length for length in lengths) - dropped
+        counts[f"{name}_dropped_too_long"] = dropped
+    if any(counts.values()):
+        console.print(
+            f"sft: longer than sft.max_length={max_length} tokens: "
+            + "; ".join(
+                f"{counts[f'{name}_truncated']} {name} examples truncated, "
+                f"{counts[f'{name}_dropped_too_long']} dropped (the prompt alone fills it)"
+                for name in splits
+            )
+        )
+    return counts
 
 
 def load_chat_dataset(path: Path) -> Dataset:
