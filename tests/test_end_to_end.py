@@ -60,6 +60,16 @@ def test_merged_sft_model_loads_with_plain_transformers_and_generates(smoke_run)
     assert list((smoke_run / "sft" / "merged").glob("*.safetensors"))
 
 
+def test_weights_written_are_safetensors_only(smoke_run):
+    """No pickled weights in a finished run: every model, adapter and head is safetensors. (While a training
+    stage runs, its checkpoints in .work/ also hold optimizer, scheduler and RNG state as torch pickles, which
+    only this pipeline writes and reads; they are removed once the stage is published.)"""
+    pickles = [p for p in smoke_run.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}]
+    assert not pickles, pickles
+    weights = {p.relative_to(smoke_run).parts[0] for p in smoke_run.rglob("*.safetensors")}
+    assert weights >= {"sft", "reward", "ppo"}
+
+
 def test_rerun_does_nothing_quickly(smoke_run, capsys):
     started = time.time()
     result = subprocess.run(
