@@ -79,14 +79,14 @@ def test_reward_drops_long_pairs_and_ppo_drops_long_prompts(run_dir, tmp_path, c
     short = [{"prompt": f"Question {i}?", "chosen": f"Thank you, answer {i}.", "rejected": "no"} for i in range(24)]
     long = [{"prompt": f"Long question {i}?", "chosen": LONG_ANSWER, "rejected": "no"} for i in range(4)]
     pairs.write_text("".join(json.dumps(row) + "\n" for row in short + long))
-    imported = ["preferences.source=import", f"preferences.path={pairs}", "preferences.num_eval=8"]
+    imported = ["preferences.source=import", f"preferences.path={pairs}", "preferences.num_eval=8", "reward.max_steps=2"]
     assert main(["run", SMOKE, f"output_dir={run_dir}", "--only", "preferences,reward", *imported]) == 0
     got = metrics(run_dir, "reward")
     assert got["train_dropped_too_long"] + got["eval_dropped_too_long"] == 4, got
     assert got["eval_pairs"] == 8 - got["eval_dropped_too_long"]
     assert "held-out pairs longer than reward.max_length=128 tokens" in capsys.readouterr().out
 
-    assert main(["run", SMOKE, f"output_dir={run_dir}", "--only", "ppo"]) == 0
+    assert main(["run", SMOKE, f"output_dir={run_dir}", "--only", "ppo", "ppo.steps=1"]) == 0
     expected = kinds(run_dir / "instructions" / "train.jsonl")["long_prompt"]
     assert metrics(run_dir, "ppo")["prompts_too_long"] == expected
     assert f"ppo: dropped {expected} of 22 prompts longer than 1012 tokens" in capsys.readouterr().out

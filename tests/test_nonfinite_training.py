@@ -64,33 +64,35 @@ def inject(monkeypatch, stage: str, fault: str, at_step: int) -> None:
     monkeypatch.setattr(trainer_class, "compute_loss", compute_loss)
 
 
-@pytest.mark.parametrize("stage, fault", [("sft", "loss"), ("reward", "loss"), ("sft", "gradient")])
-def test_non_finite_step_stops_keeps_last_checkpoint_and_resumes(run_dir, monkeypatch, capsys, stage, fault):
+@pytest.mark.parametrize("stage, fault, step", [("sft", "loss", 5), ("reward", "loss", 5), ("sft", "gradient", 3)])
+def test_non_finite_step_stops_keeps_last_checkpoint_and_resumes(run_dir, monkeypatch, capsys, stage, fault, step):
+    """The fault is at the last step (`step`); checkpoints every 2 steps."""
     args = ["run", SMOKE, f"output_dir={run_dir}", "--only", stage,
-            f"{stage}.max_steps=5", f"{stage}.save_steps=2", f"{stage}.logging_steps=1"]
+            f"{stage}.max_steps={step}", f"{stage}.save_steps=2", f"{stage}.logging_steps=1"]
     before = (run_dir / stage / "manifest.json").read_text() if (run_dir / stage).exists() else None
-    inject(monkeypatch, stage, fault, at_step=5)
+    inject(monkeypatch, stage, fault, at_step=step)
+    kept = [f"checkpoint-{n}" for n in range(2, step, 2)]
 
     assert main(args) == 2
     out, err = capsys.readouterr()
     assert "Traceback" not in err
     errors = re.findall(r"error: [^\r\n]*", err)  # (after a progress bar, on its line)
     what = "loss (nan)" if fault == "loss" else "gradient norm ("
-    assert len(errors) == 1 and f"error: {stage} step 5: non-finite {what}" in errors[0], err
-    assert "The last good checkpoint (checkpoint-4) is kept and nothing is published" in errors[0]
+    assert len(errors) == 1 and f"error: {stage} step {step}: non-finite {what}" in errors[0], err
+    assert f"The last good checkpoint ({kept[-1]}) is kept and nothing is published" in errors[0]
     # Nothing published: the stage's earlier output (if any) is untouched; the good checkpoints are kept.
     assert ((run_dir / stage / "manifest.json").read_text() if (run_dir / stage).exists() else None) == before
     checkpoints = next(run_dir.glob(f".work/{stage}-*/checkpoints"))
-    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    assert all((checkpoints / name / "COMPLETE").exists() for name in ("checkpoint-2", "checkpoint-4"))
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == kept
+    assert all((checkpoints / name / "COMPLETE").exists() for name in kept)
     if fault == "gradient":
         return  # the resume is the same as after a NaN loss
 
-    monkeypatch.undo()  # the fault is gone: the same command resumes from checkpoint-4
+    monkeypatch.undo()  # the fault is gone: the same command resumes from the last good checkpoint
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert f"{stage}: resuming from {checkpoints / 'checkpoint-4'}" in out
-    assert json.loads((run_dir / stage / "manifest.json").read_text())["metrics"]["train_steps"] == 5
+    assert f"{stage}: resuming from {checkpoints / kept[-1]}" in out
+    assert json.loads((run_dir / stage / "manifest.json").read_text())["metrics"]["train_steps"] == step
     curve = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in curve if "loss" in r] == [5]
+    assert [r["step"] for r in curve if "loss" in r] == [step]
     assert all(r["loss"] == r["loss"] for r in curve if "loss" in r)  # no NaN reached the curve
