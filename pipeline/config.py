@@ -198,8 +198,9 @@ class EvaluateConfig(Section):
 
 
 class ExportConfig(Section):
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights of the exported model; auto: as the merged SFT model (model.dtype, float32 on a CPU)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights of the exported model. The merge is done in float32 either way; bfloat16 halves the size but
+    rounds away weight updates smaller than its precision, and PPO's are small."""
     name: str | None = None
     """The model's name in its model card; default: the base model's name + "-rlhf-ppo"."""
 

@@ -72,7 +72,7 @@ STAGES: list[Stage] = [
     Stage(
         name="export",
         module="rlhf.stages.export",
-        reads=("seed", "model.name_or_path", "model.dtype", "model.trust_remote_code", "lora", "export"),
+        reads=("seed", "model.name_or_path", "model.trust_remote_code", "lora", "export"),
         upstream=("sft", "ppo", "evaluate"),
         outputs=("model", "adapter"),
     ),

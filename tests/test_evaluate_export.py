@@ -136,6 +136,7 @@ def test_exported_model_loads_with_plain_transformers_and_generates(run_dir):
     assert list(model_dir.glob("*.safetensors")) and not list(model_dir.glob("*.bin"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.dtype == torch.float32  # export.dtype's default: merged and kept in float32
     ids = chat_ids(tokenizer)
     output = model.generate(**ids, max_new_tokens=5)  # the generation config alone (evaluated decoding) suffices
     assert output.shape[1] > ids["input_ids"].shape[1]
