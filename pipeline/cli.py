@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_status", 2)  # 2 for the user's errors; a failed launched stage sets 1
     except KeyboardInterrupt:
         print("interrupted: published outputs are unchanged", file=sys.stderr)
         return 130

@@ -48,6 +48,20 @@ class WandbConfig(Section):
     """auto: online when logged in (WANDB_API_KEY or ~/.netrc), offline otherwise. Never prompts."""
 
 
+class LaunchConfig(Section):
+    """How `rlhf run` starts the training stages (sft, reward, ppo). With num_processes > 1 or an
+    accelerate config file, each runs as a child `accelerate launch ... -m rlhf.cli run CONFIG --only
+    STAGE`; the data stages run once, in the `rlhf run` process itself."""
+
+    num_processes: int = Field(1, ge=1)
+    """Data-parallel processes, one per GPU (passed as `accelerate launch --num_processes`, overriding the
+    file's own). Each process takes its own batches: the effective batch grows with it, so changing it
+    reruns the training stages."""
+    accelerate_config: str | None = None
+    """An `accelerate launch --config_file` YAML (configs/accelerate/: ddp, deepspeed_zero2, deepspeed_zero3).
+    Precision stays model.dtype's; ppo takes only the process count from it (it averages gradients itself)."""
+
+
 class TeacherConfig(Section):
     kind: Literal["local", "openai"] = "local"
     model: str | None = None
@@ -213,6 +227,7 @@ class PipelineConfig(Section):
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     wandb: WandbConfig = WandbConfig()
+    launch: LaunchConfig = LaunchConfig()
     instructions: InstructionsConfig = InstructionsConfig()
     sft: SFTConfig = SFTConfig()
     preferences: PreferencesConfig = PreferencesConfig()

@@ -25,6 +25,8 @@ def preference_files(config: PipelineConfig) -> list[Path]:
     return [path] if path.is_file() else []
 
 
+# The training stages read launch.num_processes: every process takes its own batches (or rollouts), so
+# the process count changes what they compute. The accelerate config file (DDP or ZeRO) does not.
 STAGES: list[Stage] = [
     Stage(
         name="instructions",
@@ -36,9 +38,10 @@ STAGES: list[Stage] = [
     Stage(
         name="sft",
         module="rlhf.stages.sft",
-        reads=("seed", "model", "lora", "sft"),
+        reads=("seed", "model", "lora", "sft", "launch.num_processes"),
         upstream=("instructions",),
         outputs=("adapter", "merged", "metrics.jsonl"),
+        launch="trainer",
     ),
     Stage(
         name="preferences",
@@ -51,16 +54,18 @@ STAGES: list[Stage] = [
     Stage(
         name="reward",
         module="rlhf.stages.reward",
-        reads=("seed", "model", "lora", "reward"),
+        reads=("seed", "model", "lora", "reward", "launch.num_processes"),
         upstream=("preferences", "sft"),
         outputs=("metrics.jsonl",),  # plus adapter/, score_head.safetensors, model/ (or external.json)
+        launch="trainer",
     ),
     Stage(
         name="ppo",
         module="rlhf.stages.ppo",
-        reads=("seed", "model", "lora", "ppo"),
+        reads=("seed", "model", "lora", "ppo", "launch.num_processes"),
         upstream=("instructions", "sft", "reward"),
         outputs=("policy", "value", "metrics.jsonl", "samples.jsonl"),
+        launch="data-parallel",
     ),
     Stage(
         name="evaluate",

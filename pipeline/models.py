@@ -237,9 +237,17 @@ def load_reward_model(path: str, model_config: ModelConfig, tokenizer, quantize:
     return model
 
 
+def process_device(model_config: ModelConfig) -> str:
+    """Where this process puts its model: under a launcher (LOCAL_RANK set), process i on GPU i, since
+    a bare "cuda" means GPU 0 for every process; "cpu" stays "cpu"."""
+    device = pick_device(model_config)
+    local_rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{int(local_rank)}" if device == "cuda" and local_rank is not None else device
+
+
 def _load(auto_class, path: str, model_config: ModelConfig, quantize: bool, **kwargs):
     dtype = pick_dtype(model_config)
-    device = pick_device(model_config)
+    device = process_device(model_config)
     quant = quantization_config(model_config, dtype) if quantize else None
     try:
         model = auto_class.from_pretrained(

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rlhf import launch
 from rlhf.config import PipelineConfig, get_key, to_yaml
 from rlhf.errors import UserError
 
@@ -47,6 +48,10 @@ class Stage:
     file_inputs: Callable[[PipelineConfig], list[Path]] = lambda config: []
     outputs: tuple[str, ...] = ()
     """Files and folders it publishes, relative to its output folder."""
+    launch: str | None = None
+    """How it runs when `launch.num_processes` > 1 or `launch.accelerate_config` is set (rlhf.launch):
+    "trainer" (a Hugging Face Trainer: DDP or DeepSpeed as the accelerate config says), "data-parallel"
+    (plain processes that average gradients themselves), None (once, in the `rlhf run` process)."""
 
 
 @dataclass
@@ -81,9 +86,11 @@ def _sha(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
-FRAMEWORK_MODULES = {"rlhf.runner", "rlhf.config", "rlhf.errors", "rlhf.dag", "rlhf.tracking", "rlhf.cli"}
-"""Left out of code hashes: they decide what runs and where it is logged, not what a stage computes
-(config values reach the fingerprint through the keys a stage reads)."""
+FRAMEWORK_MODULES = {
+    "rlhf.runner", "rlhf.config", "rlhf.errors", "rlhf.dag", "rlhf.tracking", "rlhf.cli", "rlhf.launch"
+}
+"""Left out of code hashes: they decide what runs, how it is started and where it is logged, not what a
+stage computes (config values reach the fingerprint through the keys a stage reads)."""
 
 
 def code_hash(module: str) -> str:
@@ -288,14 +295,19 @@ def run_pipeline(
 ) -> None:
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir) if process_rank() == 0 else contextlib.nullcontext():
-        if process_rank() == 0:
+    if any(d.run and launch.launches(d.status.stage, config) for d in decisions):
+        launch.check(config)
+    if process_rank() != 0:
+        echo = _quiet  # rank 0 speaks for every process
+    with _run_lock(run_dir):
+        if process_rank() == 0 and not launch.is_launched_child():  # a launched child's parent wrote it
             _write_atomic(run_dir / "config.yaml", to_yaml(config))
         published: dict[str, str] = {}  # stage name → fingerprint of what is on disk now
         for decision in decisions:
             stage = decision.status.stage
             if not decision.run:
-                echo(f"[skip] {stage.name}: {decision.why}")
+                if not launch.is_launched_child():  # the parent already said why the others are skipped
+                    echo(f"[skip] {stage.name}: {decision.why}")
                 manifest = read_manifest(run_dir / stage.name)
                 if manifest:
                     published[stage.name] = manifest["fingerprint"]
@@ -303,10 +315,39 @@ def run_pipeline(
             for name in stage.upstream:
                 if name not in published:
                     raise UserError(f"stage {stage.name} needs the output of {name}, which is missing: run it first")
-            echo(f"[run ] {stage.name}: {decision.why}")
+            if not launch.is_launched_child():  # ... nor why this one runs
+                echo(f"[run ] {stage.name}: {decision.why}")
             # The fingerprint records the upstream outputs actually consumed.
             parts = stage_parts(stage, config, {name: published[name] for name in stage.upstream})
-            published[stage.name] = _run_stage(stage, config, parts, run_dir, echo)
+            if launch.launches(stage, config):
+                published[stage.name] = _run_launched(stage, config, parts, run_dir, echo)
+            else:
+                published[stage.name] = _run_stage(stage, config, parts, run_dir, echo)
+
+
+def _run_launched(stage: Stage, config: PipelineConfig, parts: dict, run_dir: Path, echo) -> str:
+    """Run a stage in child processes on the resolved config this run wrote; they publish it."""
+    fp = fingerprint(parts)
+    launch.run_launched(stage, launch.launch_command(stage, config, run_dir / "config.yaml"), echo)
+    manifest = read_manifest(run_dir / stage.name)
+    if manifest is None or manifest["fingerprint"] != fp:
+        raise launch.StageFailed(f"stage {stage.name}: its launched processes exited without publishing it")
+    return fp
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _run_lock(run_dir: Path):
+    """The run lock, taken by rank 0 only; a launched child works under its parent's lock."""
+    if process_rank() != 0:
+        return contextlib.nullcontext()
+    lock = RunLock(run_dir)
+    holder = lock._holder()
+    if holder and os.environ.get(launch.LAUNCHED_BY) == f"{holder.get('pid')}@{holder.get('host')}":
+        return contextlib.nullcontext()
+    return lock
 
 
 def _run_stage(stage: Stage, config: PipelineConfig, parts: dict, run_dir: Path, echo) -> str:

@@ -26,9 +26,10 @@ def wandb_mode(config: PipelineConfig) -> str:
 
 
 def start_wandb(config: PipelineConfig, stage: str, run_dir: Path):
-    """A wandb run for one stage (group = run name, job_type = stage), or None when disabled."""
+    """A wandb run for one stage (group = run name, job_type = stage), or None when disabled and in
+    every process but rank 0 of a launched stage (it logs for all of them)."""
     mode = wandb_mode(config)
-    if mode == "disabled":
+    if mode == "disabled" or int(os.environ.get("RANK", "0")) != 0:
         return None
     import wandb
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from datasets import Dataset
 from rich.console import Console
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from trl import RewardConfig, RewardTrainer
 
 from rlhf.data_builders.json_files import iter_json_records, read_utf8
@@ -91,13 +91,18 @@ def run(ctx: StageContext) -> dict:
     )
 
     # 3. Save the adapter and score head (for PPO's shared backbone) and a standalone merged model.
-    trainer.model.save_pretrained(ctx.out_dir / "adapter")
-    tokenizer.save_pretrained(ctx.out_dir / "adapter")
-    score = trainer.model.base_model.model.score.modules_to_save["default"]
-    save_file({"weight": score.weight.detach().float().contiguous().cpu()}, ctx.out_dir / "score_head.safetensors")
+    #    Every process calls save_model (under ZeRO-3 it gathers the sharded weights); rank 0 writes.
+    adapter_dir = ctx.out_dir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    processes, main_process = trainer.args.world_size, trainer.is_world_process_zero()
     del trainer, model
-    load = lambda path, model_config: load_reward_model(path, model_config, tokenizer)  # noqa: E731
-    save_merged(load, backbone, ctx.out_dir / "adapter", ctx.out_dir / "model", config)
+    if main_process:
+        tokenizer.save_pretrained(adapter_dir)
+        # The score head as saved with the adapter (PEFT's modules_to_save): whole, whatever the sharding.
+        score = load_file(adapter_dir / "adapter_model.safetensors")["base_model.model.score.weight"]
+        save_file({"weight": score.float().contiguous()}, ctx.out_dir / "score_head.safetensors")
+        load = lambda path, model_config: load_reward_model(path, model_config, tokenizer)  # noqa: E731
+        save_merged(load, backbone, adapter_dir, ctx.out_dir / "model", config)
     result = {
         "eval_accuracy": after["eval_accuracy"],
         "eval_margin": after["eval_margin"],
@@ -106,6 +111,7 @@ def run(ctx: StageContext) -> dict:
         "train_pairs": len(train),
         **too_long,
         "train_steps": train_steps,
+        "processes": processes,
     }
     if wandb_run:
         wandb_run.summary.update(result)

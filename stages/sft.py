@@ -65,12 +65,15 @@ def run(ctx: StageContext) -> dict:
     train_steps = trainer.state.global_step
     console.print(f"sft: eval loss {eval_loss_before:.4f} -> {eval_loss:.4f}")
 
-    # 3. Save the adapter, then merge it into a full-precision copy of the base.
-    trainer.model.save_pretrained(ctx.out_dir / "adapter")
-    tokenizer.save_pretrained(ctx.out_dir / "adapter")
+    # 3. Save the adapter (every process calls save_model: under ZeRO-3 it gathers the sharded weights;
+    #    rank 0 writes), then rank 0 merges it into a full-precision copy of the base.
+    trainer.save_model(str(ctx.out_dir / "adapter"))
+    processes, main_process = trainer.args.world_size, trainer.is_world_process_zero()
     del trainer, model
-    save_merged(load_causal_lm, base_path, ctx.out_dir / "adapter", ctx.out_dir / "merged", config)
-    console.print(f"sft: merged model saved to {ctx.out_dir / 'merged'}")
+    if main_process:
+        tokenizer.save_pretrained(ctx.out_dir / "adapter")
+        save_merged(load_causal_lm, base_path, ctx.out_dir / "adapter", ctx.out_dir / "merged", config)
+        console.print(f"sft: merged model saved to {ctx.out_dir / 'merged'}")
     if wandb_run:
         wandb_run.summary.update({"eval_loss_before": eval_loss_before, "eval_loss": eval_loss})
         wandb_run.finish()
@@ -79,6 +82,7 @@ def run(ctx: StageContext) -> dict:
         "eval_loss": eval_loss,
         "train_examples": len(train),
         "train_steps": train_steps,
+        "processes": processes,
         **too_long,
     }
 
