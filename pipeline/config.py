@@ -188,6 +188,9 @@ class PPOConfig(Section):
     """Log a table of prompts, responses and scores every N steps."""
     save_every: int = Field(10, gt=0)
     """Checkpoint every N steps, so a killed run resumes where it stopped."""
+    # Memory.
+    gradient_checkpointing: bool = False
+    """Recompute the backbone's activations in the backward pass of the update instead of keeping them."""
 
 
 class EvaluateConfig(Section):

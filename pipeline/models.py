@@ -267,6 +267,58 @@ def _load(auto_class, path: str, model_config: ModelConfig, quantize: bool, **kw
     return model
 
 
+def enable_checkpointing_with_grad(model) -> None:
+    """Activation (gradient) checkpointing on a model kept in eval mode: in forward passes that build a
+    graph, each decoder layer keeps only its input and recomputes the rest in the backward pass.
+
+    - transformers checkpoints a layer only when its own `training` flag is set, and then drops the KV
+      cache. So the flag of each layer module alone (not of its children: dropout stays off) follows
+      `torch.is_grad_enabled()`: set in the forwards of an update, clear for sampling and scoring under
+      no_grad, which keep their KV cache.
+    - With several PEFT adapters on the model (ppo's policy and value run two forwards, then one
+      backward), the recomputation must use the adapter that was active in the forward, not the one
+      active at backward time: each layer's checkpoint restores its LoRA layers' adapter state.
+    Non-reentrant checkpointing; the same loss and gradients as without (tests/test_ppo.py)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+    def follow_grad_mode(layer, args, kwargs):
+        layer.training = torch.is_grad_enabled()
+        if layer.training:  # a forward that builds a graph has no KV cache to fill (transformers would warn)
+            kwargs["use_cache"] = False
+        return args, kwargs
+
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.register_forward_pre_hook(follow_grad_mode, with_kwargs=True)
+            module._gradient_checkpointing_func = _recompute_with_the_same_adapters(module, module._gradient_checkpointing_func)
+
+
+def _recompute_with_the_same_adapters(layer, checkpoint):
+    """Wrap a layer's checkpoint function: the recomputation runs with the adapter state (active adapter,
+    adapters disabled or not) of the forward pass it replays. LoRA layers are found at call time, since
+    PEFT inserts them after checkpointing is enabled."""
+
+    def adapter_state():
+        return [(m, m._active_adapter, m._disable_adapters) for m in layer.modules() if hasattr(m, "_active_adapter")]
+
+    def checkpointed(function, *args, **kwargs):
+        in_forward = adapter_state()
+
+        def run(*run_args, **run_kwargs):
+            current = adapter_state()
+            for module, active, disabled in in_forward:
+                module._active_adapter, module._disable_adapters = active, disabled
+            try:
+                return function(*run_args, **run_kwargs)
+            finally:
+                for module, active, disabled in current:
+                    module._active_adapter, module._disable_adapters = active, disabled
+
+        return checkpoint(run, *args, **kwargs)
+
+    return checkpointed
+
+
 def _keep_4bit_layers_differentiable(model) -> None:
     """bitsandbytes repacks a 4-bit weight for a faster CPU kernel the first time its layer runs in
     eval mode, and that kernel has no backward: every later training step would silently stop the

@@ -31,7 +31,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from rlhf.data_builders.instructions import read_conversations
 from rlhf.errors import UserError
-from rlhf.models import load_causal_lm, load_tokenizer, peft_lora_config, pick_device
+from rlhf.models import enable_checkpointing_with_grad, load_causal_lm, load_tokenizer, peft_lora_config, pick_device
 from rlhf.runner import StageContext
 from rlhf.stages.ppo_math import (
     clip_scores,
@@ -64,6 +64,8 @@ def run(ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(backbone_dir, config.model.trust_remote_code)
     tokenizer.padding_side = "left"
     backbone = load_causal_lm(backbone_dir, config.model)
+    if settings.gradient_checkpointing:  # the update keeps one layer's activations, not all of them
+        enable_checkpointing_with_grad(backbone)
     model, value_head, reward_head = build_actor_critic(backbone, ctx.inputs["reward"], config)
     model.eval()  # no dropout: the log-probs of the update must match those of the rollout
     trainable = [p for n, p in model.named_parameters() if any(f".{a}." in n for a in TRAINABLE_ADAPTERS)]

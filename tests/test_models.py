@@ -39,3 +39,24 @@ def test_qlora_gradients_reach_the_first_layer_after_an_eval_pass():
     first_layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert "Linear4bit" in type(first_layer.base_layer).__name__
     assert first_layer.lora_B["default"].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_models_load_with_sdpa_attention(quantization):
+    """transformers 5 picks PyTorch's scaled_dot_product_attention by default (eager only for models that
+    cannot use it): no [B, heads, T, T] score tensor on GPUs with its fused kernels."""
+    path = resolve_model("tiny-random-llama")
+    model = load_causal_lm(path, ModelConfig(name_or_path=path, quantization=quantization))
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_each_launched_process_gets_its_own_gpu(monkeypatch):
+    """Under a launcher, a bare "cuda" would put every process's model on GPU 0."""
+    from rlhf.models import process_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert process_device(ModelConfig(device="cuda")) == "cuda:3"
+    assert process_device(ModelConfig(device="cpu")) == "cpu"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert process_device(ModelConfig(device="cuda")) == "cuda"

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf.cli import main
 from rlhf.config import load_config
-from rlhf.models import load_causal_lm, load_tokenizer, resolve_model
+from rlhf.models import enable_checkpointing_with_grad, load_causal_lm, load_tokenizer, resolve_model
 from rlhf.stages import ppo
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
@@ -226,3 +226,39 @@ def test_two_processes_agree_on_the_final_weights(run_dir):
     assert metrics["processes"] == 2 and metrics["ranks_agree"] is True
     assert [p["step"] for p in curve(run_dir)] == [1, 2, 3]
     assert not list((run_dir / ".tmp").iterdir())
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(upstream):
+    """ppo.gradient_checkpointing recomputes every decoder layer in the backward pass of the update, and
+    changes neither the loss nor any gradient; sampling (no graph) keeps running without it, on its KV cache."""
+    config = load_config(SMOKE, [f"output_dir={upstream}"])
+    tokenizer = load_tokenizer(str(upstream / "sft" / "merged"))
+    prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", tokenizer, 4, 0)
+    rollout, results, checkpointed = None, [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        backbone = load_causal_lm(str(upstream / "sft" / "merged"), config.model)
+        if checkpointing:
+            enable_checkpointing_with_grad(backbone)
+            for layer in backbone.model.layers:
+                original = layer._gradient_checkpointing_func
+                layer._gradient_checkpointing_func = lambda *a, _f=original, **k: (checkpointed.append(1), _f(*a, **k))[1]
+        model, value_head, reward_head = ppo.build_actor_critic(backbone, upstream / "reward", config)
+        named = [(n, p) for n, p in model.named_parameters() if ".policy." in n or ".value." in n]
+        trainable = [p for _, p in named]
+        roles = ppo.Roles(model.eval(), value_head, reward_head, trainable)
+        sampled = ppo.generate_rollout(roles, tokenizer, prompts, config.ppo)
+        assert not checkpointed  # no checkpointing while sampling
+        rollout = rollout or sampled  # score the same rollout both times
+        logprobs, _ = roles.policy_logprobs(rollout, 1.0)
+        values = roles.values(rollout)
+        mask = rollout["mask"]
+        loss = -(logprobs * mask).sum() + ((values - 1.0) ** 2 * mask).sum()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in named if p.grad is not None}))
+    assert len(checkpointed) == 2 * len(backbone.model.layers)  # policy and value forwards, every layer
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    assert torch.allclose(loss, loss_ckpt, rtol=1e-6)
+    assert grads.keys() == grads_ckpt.keys() and any(g.abs().sum() > 0 for g in grads.values())
+    for name, g in grads.items():
+        assert torch.allclose(g, grads_ckpt[name], rtol=1e-5, atol=1e-7), name
