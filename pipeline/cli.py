@@ -15,6 +15,7 @@ USAGE_EXAMPLES = """examples:
   rlhf run configs/quickstart.yaml --from sft --dry-run
   rlhf status configs/quickstart.yaml
   rlhf graph configs/quickstart.yaml
+  rlhf plan configs/qwen2.5-7b-qlora-24gb.yaml --gpu-mem 24GB
   rlhf report runs/quickstart
   rlhf plot runs/quickstart
   echo "Give me one tip for sleeping well." | rlhf chat runs/quickstart
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="say what would run and why; run nothing")
     with_config("status", "each stage: up to date, stale (why) or missing")
     with_config("graph", "print the stage graph")
+    plan = with_config("plan", "estimate each stage's peak GPU memory from the model's config.json (no weights)")
+    plan.add_argument("--gpu-mem", default="24GB", help="GPU memory to check against (default 24GB; GB = GiB)")
+    plan.add_argument("--model-config", metavar="PATH", help="the model's config.json, e.g. for a hub id offline")
+    plan.add_argument("--prompt-tokens", type=int, default=512, help="prompt length to plan for (default 512)")
 
     def with_run_dir(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
@@ -127,6 +132,15 @@ def cmd_status(args) -> int:
     for status in plan(STAGES, config):
         why = f" ({'; '.join(status.reasons)})" if status.state == "stale" else ""
         print(f"  {status.stage.name:<14} {status.state}{why}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from rlhf.config import load_config
+    from rlhf.plan import plan_report
+
+    config = load_config(args.config, args.overrides)
+    print(plan_report(config, args.gpu_mem, args.model_config, args.prompt_tokens))
     return 0
 
 
@@ -250,6 +264,7 @@ COMMANDS = {
     "run": cmd_run,
     "status": cmd_status,
     "graph": cmd_graph,
+    "plan": cmd_plan,
     "report": cmd_report,
     "plot": cmd_plot,
     "chat": cmd_chat,
