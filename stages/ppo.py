@@ -48,6 +48,7 @@ from rlhf.stages.ppo_math import (
     truncate_after_eos,
 )
 from rlhf.tracking import MetricsFile, start_wandb
+from rlhf.training import NonFiniteTraining
 
 console = Console(highlight=False, soft_wrap=True)
 TRAINABLE_ADAPTERS = ("policy", "value")
@@ -391,7 +392,7 @@ def average_gradients(accelerator, parameters) -> None:
 
 def _check_finite(value: torch.Tensor, what: str, step: int) -> None:
     if not torch.isfinite(value).all():
-        raise FloatingPointError(
+        raise NonFiniteTraining(
             f"ppo step {step}: non-finite {what} ({float(value)}); stopping. The last good checkpoint is kept "
             "and nothing is published: lower ppo.learning_rate or check the reward scale."
         )
@@ -519,7 +520,7 @@ def load_checkpoint(checkpoints: Path, roles: Roles, optimizer, scheduler, kl_ct
         set_peft_model_state_dict(roles.model, weights, adapter_name=name)
     with torch.no_grad():
         roles.value_head.weight.copy_(load_file(directory / "value_head.safetensors")["weight"])
-    state = torch.load(directory / "state.pt", weights_only=False)
+    state = torch.load(directory / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     kl_ctl.load_state_dict(state["kl_controller"])

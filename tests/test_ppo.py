@@ -14,6 +14,7 @@ from rlhf.cli import main
 from rlhf.config import load_config
 from rlhf.models import enable_checkpointing_with_grad, load_causal_lm, load_tokenizer, resolve_model
 from rlhf.stages import ppo
+from rlhf.training import NonFiniteTraining
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
 
@@ -205,7 +206,8 @@ def test_non_finite_loss_stops_with_a_clear_error_and_publishes_nothing(run_dir,
         return loss * float("nan"), clipfrac, approxkl
 
     monkeypatch.setattr(ppo, "ppo_policy_loss", poisoned)
-    with pytest.raises(FloatingPointError, match="ppo step 1: non-finite policy loss"):
+    # A user error (one line, exit 2 at the command line), as in sft and reward.
+    with pytest.raises(NonFiniteTraining, match="ppo step 1: non-finite policy loss"):
         run_ppo(run_dir)
     assert not (run_dir / "ppo").exists()
 
