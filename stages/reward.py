@@ -97,6 +97,7 @@ def run(ctx: StageContext) -> dict:
     processes, main_process = trainer.args.world_size, trainer.is_world_process_zero()
     del trainer, model
     if main_process:
+        (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # pickled: publish safetensors only
         tokenizer.save_pretrained(adapter_dir)
         # The score head as saved with the adapter (PEFT's modules_to_save): whole, whatever the sharding.
         score = load_file(adapter_dir / "adapter_model.safetensors")["base_model.model.score.weight"]

@@ -71,6 +71,7 @@ def run(ctx: StageContext) -> dict:
     processes, main_process = trainer.args.world_size, trainer.is_world_process_zero()
     del trainer, model
     if main_process:
+        (ctx.out_dir / "adapter" / "training_args.bin").unlink(missing_ok=True)  # pickled: publish safetensors only
         tokenizer.save_pretrained(ctx.out_dir / "adapter")
         save_merged(load_causal_lm, base_path, ctx.out_dir / "adapter", ctx.out_dir / "merged", config)
         console.print(f"sft: merged model saved to {ctx.out_dir / 'merged'}")

@@ -159,6 +159,7 @@ def test_two_processes_run_every_training_stage_from_a_plain_run(tmp_path):
         assert manifest["metrics"]["processes"] == 2, stage
     assert json.loads((run_dir / "ppo" / "manifest.json").read_text())["metrics"]["ranks_agree"] is True
     assert not list((run_dir / ".tmp").iterdir()) and not (run_dir / ".lock").exists()
+    assert not list(run_dir.rglob("*.bin"))  # Trainer.save_model's pickled arguments are not published
     # The parent sees what the children published: nothing left to run.
     status = subprocess.run([*command[:3], "status", *command[4:]], capture_output=True, text=True, env=env)
     assert all("up to date" in line for line in status.stdout.splitlines()[1:6]), status.stdout
