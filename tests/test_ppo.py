@@ -206,10 +206,13 @@ def test_non_finite_loss_stops_with_a_clear_error_and_publishes_nothing(run_dir,
         return loss * float("nan"), clipfrac, approxkl
 
     monkeypatch.setattr(ppo, "ppo_policy_loss", poisoned)
-    # A user error (one line, exit 2 at the command line), as in sft and reward.
-    with pytest.raises(NonFiniteTraining, match="ppo step 1: non-finite policy loss"):
-        run_ppo(run_dir)
+    # A user error, as in sft and reward: one line, exit status 2, no traceback.
+    assert run_ppo(run_dir) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: ppo step 1: non-finite policy loss") and "Traceback" not in error
     assert not (run_dir / "ppo").exists()
+    with pytest.raises(NonFiniteTraining):  # and with --debug, the exception itself
+        run_ppo(run_dir, "--debug")
 
 
 def test_two_processes_agree_on_the_final_weights(run_dir):
