@@ -17,8 +17,8 @@ Three implementations, each run in its own process (this project's environment a
 Timing: a callback stamps the start of training and the end of each step (wall time, and the
 process CPU time, which moves less with other processes' load on a shared machine); the first WARMUP_STEPS
 steps of each run are left out, median over the remaining steps of all runs. Ours and
-trl-plain-loss alternate for --runs runs each; plain TRL (≈25x slower per step on a CPU) runs
---trl-runs times. Only the training loop is timed: our stage's evaluation before/after and its
+trl-plain-loss alternate for --runs runs each; plain TRL (its tiled loss is slow on a CPU, much
+more so in bfloat16 than in fp32) runs --trl-runs times. Only the training loop is timed: our stage's evaluation before/after and its
 merge, and model loading in all three, are not. Peak resident memory (whole process) is printed too.
 
 The last line reads `time_ratio=<ours / plain TRL> time_ratio_same_loss=<ours / TRL with the plain loss>`.
@@ -158,17 +158,19 @@ def child_ours(args, work: Path) -> dict:
 
 
 def child_trl(args, work: Path, plain_loss: bool) -> dict:
-    import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+    from transformers import AutoTokenizer, Trainer
     from trl import SFTConfig, SFTTrainer
 
-    from rlhf.models import resolve_model
+    from rlhf.config import ModelConfig
+    from rlhf.models import load_causal_lm, resolve_model
     from rlhf.stages.sft import load_chat_dataset  # the same rows: {"prompt": [...], "completion": [...]}
 
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
+    # Loaded as our stage loads it: the embedded model's cached config.json still names its GGUF
+    # origin, which a plain from_pretrained turns into a quantizer that Trainer refuses to train.
+    model = load_causal_lm(path, ModelConfig(name_or_path=path, dtype=args.dtype, device="cpu"))
     marks: list[tuple[float, float]] = []
     config = SFTConfig(
         output_dir=str(work / "trl-run"),
