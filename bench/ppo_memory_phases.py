@@ -34,13 +34,18 @@ def main(config_path: str, *overrides: str) -> None:
     peak("adapters")
     tokenizer = load_tokenizer(str(run / "sft" / "merged"))
     prompts = ppo.load_prompts(run / "instructions" / "train.jsonl", tokenizer, config.ppo.rollout_batch_size, 0)
-    rollout = ppo.generate_rollout(roles, tokenizer, prompts, config.ppo)
+    settings = config.ppo
+    rollout = ppo.generate_rollout(
+        roles, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+        top_p=settings.top_p, top_k=settings.top_k,
+    )
+    logprobs = rollout["logprobs"]
     peak("rollout")
     with torch.no_grad():
-        logprobs, _ = roles.policy_logprobs(rollout, config.ppo.temperature)
-        roles.reference_logprobs(rollout, config.ppo.temperature)
-        values = roles.values(rollout)
-        roles.scores(rollout)
+        rows, size = len(prompts), settings.micro_batch_size
+        ppo.in_micro_batches(lambda r: roles.reference_logprobs(rollout, settings.temperature, r), rows, size)
+        values = ppo.in_micro_batches(lambda r: roles.values(rollout, r), rows, size)
+        ppo.in_micro_batches(lambda r: roles.scores(rollout, r), rows, size)
     peak("scoring")
     optimizer = torch.optim.AdamW([*trainable, *value_head.parameters()], lr=config.ppo.learning_rate)
     advantages = torch.randn_like(logprobs) * rollout["mask"]

@@ -20,7 +20,6 @@ prompt), `plots/` (PNG training curves from the sft, reward and ppo metrics).
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from peft import PeftModel, set_peft_model_state_dict
 from rich.console import Console
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import LogitsProcessorList
 
 from rlhf.data_builders.instructions import read_conversations
 from rlhf.data_builders.teacher import build_teacher
@@ -40,8 +38,7 @@ from rlhf.plots import draw_plots
 from rlhf.report import MODELS, markdown_report, reward_hacking, summary_table, verdict_scores, win_rate
 from rlhf.reward.judges import Candidate, LLMJudge, RewardModelJudge, RubricJudge
 from rlhf.runner import StageContext, process_rank
-from rlhf.stages.ppo import RepairNonFinite, Roles
-from rlhf.stages.ppo_math import truncate_after_eos
+from rlhf.stages.ppo import Roles, generate_rollout
 from rlhf.tracking import start_wandb
 
 console = Console(highlight=False, soft_wrap=True)
@@ -81,14 +78,16 @@ def run(ctx: StageContext) -> dict:
             batch = prompts[start : start + settings.batch_size]
             for name in MODELS:
                 torch.manual_seed(config.seed + start)  # the same seed for both models
-                rollout = sample(roles, tokenizer, batch, settings, use_policy=name == "ppo")
+                rollout = generate_rollout(
+                    roles, tokenizer, batch, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                    top_p=settings.top_p, adapter="policy" if name == "ppo" else None,
+                )
                 nonfinite += rollout["repaired"]
                 mask = rollout["mask"]
                 with torch.no_grad():
                     if name == "ppo":
-                        logprobs, _ = roles.policy_logprobs(rollout, logprob_temperature)
-                        ref_logprobs, _ = roles.reference_logprobs(rollout, logprob_temperature)
-                        kl = ((logprobs - ref_logprobs) * mask).sum(1).tolist()
+                        ref_logprobs = roles.reference_logprobs(rollout, logprob_temperature)
+                        kl = ((rollout["logprobs"] - ref_logprobs) * mask).sum(1).tolist()
                     else:
                         kl = [0.0] * len(batch)  # SFT is the reference: log π_sft − log π_sft
                     proxy = roles.scores(rollout).tolist() if reward_head is not None else [None] * len(batch)
@@ -205,45 +204,6 @@ def attach_reward_adapter(model, reward_dir: Path) -> torch.nn.Linear:
 
 
 @torch.no_grad()
-def sample(roles: Roles, tokenizer, batch: list[list[int]], settings, use_policy: bool) -> dict:
-    """Left-padded prompts + responses of the policy (adapter on) or of SFT (adapters off), cut after EOS,
-    in the layout `Roles` reads (input ids, masks, position ids, context length)."""
-    model = roles.model
-    width = max(len(p) for p in batch)
-    pad = tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    prompt_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-    guard = RepairNonFinite()
-    if settings.temperature > 0:
-        # top_k=0 explicitly: otherwise a model's generation config (often top_k=50) would narrow the sampling.
-        decoding = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
-    else:
-        decoding = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    roles.use("policy")
-    with contextlib.nullcontext() if use_policy else model.disable_adapter():
-        output = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            max_new_tokens=settings.max_new_tokens,
-            **decoding,
-            logits_processor=LogitsProcessorList([guard]),
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    responses, mask, finished = truncate_after_eos(output[:, width:], tokenizer.eos_token_id, pad)
-    attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
-    return {
-        "input_ids": torch.cat([prompt_ids, responses], dim=1),
-        "attention_mask": attention_mask,
-        "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0),
-        "context_length": width,
-        "mask": mask,
-        "finished": finished,
-        "repaired": int(guard.bad_rows.sum().item()) if guard.bad_rows is not None else 0,
-    }
-
-
 def decode_responses(tokenizer, rollout: dict) -> list[str]:
     context = rollout["context_length"]
     lengths = rollout["mask"].sum(1).long().tolist()

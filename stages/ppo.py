@@ -15,6 +15,7 @@ Outputs: `policy/` (the policy adapter), `value/` (value adapter and `value_head
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -100,16 +101,21 @@ def run(ctx: StageContext) -> dict:
 
         # 2. Rollout: sample responses with the policy, cut after EOS, count repaired samples.
         started = time.time()
-        rollout = generate_rollout(roles, tokenizer, batch, settings)
+        rollout = generate_rollout(
+            roles, tokenizer, batch, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+            top_p=settings.top_p, top_k=settings.top_k,
+        )
         rollout_time = time.time() - started
 
-        # 3. Score: old log-probs, reference log-probs, values and reward scores, one forward each.
+        # 3. Score: reference log-probs, values and reward scores, one forward each, in micro-batches.
+        # The old log-probs came with the rollout, from the logits it sampled from.
         started = time.time()
+        logprobs = rollout["logprobs"]
         with torch.no_grad():
-            logprobs, _ = roles.policy_logprobs(rollout, settings.temperature)
-            ref_logprobs, _ = roles.reference_logprobs(rollout, settings.temperature)
-            values = roles.values(rollout)
-            scores = roles.scores(rollout)
+            rows, size = len(batch), settings.micro_batch_size
+            ref_logprobs = in_micro_batches(lambda r: roles.reference_logprobs(rollout, settings.temperature, r), rows, size)
+            values = in_micro_batches(lambda r: roles.values(rollout, r), rows, size)
+            scores = in_micro_batches(lambda r: roles.scores(rollout, r), rows, size)
         if settings.missing_eos_penalty is not None:
             scores = scores - settings.missing_eos_penalty * (~rollout["finished"]).float()
         scores = clip_scores(scores, settings.score_clip)
@@ -242,22 +248,26 @@ class Roles:
         )
         return output.last_hidden_state
 
-    def _response_logprobs(self, rollout: dict, rows, temperature: float):
+    def _response_logits(self, rollout: dict, rows, temperature: float) -> torch.Tensor:
         context = rollout["context_length"]
         # Hidden state t predicts token t+1. Only the response's positions go through the LM head:
         # with a 49k vocabulary, the prompt's logits would cost more than the backbone.
         hidden = self._hidden(rollout, rows)[:, context - 1 : -1]
-        logits = self.model.base_model.model.lm_head(hidden).float() / temperature
-        response = rollout["input_ids"][rows][:, context:]
-        return logprobs_from_logits(logits, response), entropy_from_logits(logits)
+        return self.model.base_model.model.lm_head(hidden).float() / temperature
 
     def policy_logprobs(self, rollout: dict, temperature: float, rows=slice(None)):
+        """([B, T] log-probs of the response tokens, [B, T] entropy): the update's forward."""
         self.use("policy")
-        return self._response_logprobs(rollout, rows, temperature)
+        logits = self._response_logits(rollout, rows, temperature)
+        with torch.no_grad():  # logged, not trained on: no [B, T, V] softmax kept for the backward
+            entropy = entropy_from_logits(logits.detach())
+        return logprobs_from_logits(logits, rollout["input_ids"][rows][:, rollout["context_length"] :]), entropy
 
-    def reference_logprobs(self, rollout: dict, temperature: float, rows=slice(None)):
+    def reference_logprobs(self, rollout: dict, temperature: float, rows=slice(None)) -> torch.Tensor:
+        """[B, T] log-probs of the response tokens under the reference."""
         with self.model.disable_adapter():  # the merged SFT model itself
-            return self._response_logprobs(rollout, rows, temperature)
+            logits = self._response_logits(rollout, rows, temperature)
+        return logprobs_from_logits(logits, rollout["input_ids"][rows][:, rollout["context_length"] :])
 
     def values(self, rollout: dict, rows=slice(None)) -> torch.Tensor:
         """[B, T]: the value of the state before each response token."""
@@ -265,13 +275,19 @@ class Roles:
         hidden = self._hidden(rollout, rows)[:, rollout["context_length"] - 1 : -1]
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
-    def scores(self, rollout: dict) -> torch.Tensor:
+    def scores(self, rollout: dict, rows=slice(None)) -> torch.Tensor:
         """[B]: the reward model's score at each sequence's last real token, as in reward training."""
         self.use("reward")
-        hidden = self._hidden(rollout)
-        last = rollout["context_length"] + rollout["mask"].sum(1).long() - 1
+        hidden = self._hidden(rollout, rows)
+        last = rollout["context_length"] + rollout["mask"][rows].sum(1).long() - 1
         at_last = hidden[torch.arange(hidden.shape[0]), last]
         return self.reward_head(at_last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
+
+
+def in_micro_batches(forward, total: int, size: int) -> torch.Tensor:
+    """forward(rows) over rows [0, total) `size` at a time, concatenated: scoring a rollout then
+    peaks at one micro-batch's activations and logits, not the whole rollout's."""
+    return torch.cat([forward(slice(i, i + size)) for i in range(0, total, size)])
 
 
 def weights_checksum(roles: Roles) -> float:
@@ -305,31 +321,50 @@ class RepairNonFinite(LogitsProcessor):
 
 
 @torch.no_grad()
-def generate_rollout(roles: Roles, tokenizer, batch: list[list[int]], settings) -> dict:
-    """Left-padded prompts + sampled responses, with masks, position ids and EOS bookkeeping."""
-    roles.use("policy")
+def generate_rollout(
+    roles: Roles, tokenizer, batch: list[list[int]], *, max_new_tokens: int, temperature: float,
+    top_p: float = 1.0, top_k: int = 0, adapter: str | None = "policy",
+) -> dict:
+    """Left-padded prompts + responses sampled with `adapter` on (None: adapters off, the SFT model;
+    temperature 0: greedy), cut after EOS, with masks, position ids, EOS bookkeeping and the log-probs
+    of the response tokens (at `temperature`, or 1 when greedy) from the logits they were drawn from."""
     width = max(len(p) for p in batch)
     pad = tokenizer.pad_token_id
     device = next(roles.model.parameters()).device
     prompt_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
     prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
     guard = RepairNonFinite()
-    sampling = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
-    output = roles.model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=True,
-        **sampling,
-        logits_processor=LogitsProcessorList([guard]),
-        pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    responses, mask, finished = truncate_after_eos(output[:, width:], tokenizer.eos_token_id, pad)
+    if temperature > 0:
+        # top_k=0, not None: a model's generation config (often top_k=50) would otherwise narrow the sampling.
+        decoding = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or 0)
+    else:
+        decoding = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    roles.use(adapter or "policy")
+    with roles.model.disable_adapter() if adapter is None else contextlib.nullcontext():
+        output = roles.model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            max_new_tokens=max_new_tokens,
+            **decoding,
+            logits_processor=LogitsProcessorList([guard]),
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+            output_logits=True,  # raw logits, before temperature and top-p: the model's own distribution
+            return_dict_in_generate=True,
+        )
+    responses, mask, finished = truncate_after_eos(output.sequences[:, width:], tokenizer.eos_token_id, pad)
     if guard.bad_rows is not None:  # a repaired sample is not the policy's: keep it out of the update
         mask = mask * (~guard.bad_rows).float().unsqueeze(1)
+    # PPO's old log-probs come from the logits the tokens were sampled from (as TRL's do), which saves
+    # one forward per rollout; one step at a time, so no [B, T, V] tensor is built.
+    logprobs = torch.stack(
+        [logprobs_from_logits(step_logits.float() / (temperature or 1.0), responses[:, t])
+         for t, step_logits in enumerate(output.logits)], dim=1,
+    )
+    logprobs = torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs))  # repaired rows may hold nan
     attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
     return {
+        "logprobs": logprobs,
         "input_ids": torch.cat([prompt_ids, responses], dim=1),
         "attention_mask": attention_mask,
         "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0),
@@ -356,18 +391,21 @@ def ppo_update(accelerator, roles, optimizer, rollout, old_logprobs, old_values,
             for rows in micro_batches:
                 mask = rollout["mask"][rows]
                 weight = len(rows) / len(minibatch)
-                # Policy and value use different adapters on the same backbone: two forwards, one backward.
+                # Policy and value use different adapters on the same backbone, and train disjoint
+                # parameters: each loss goes backward before the other forward, so only one forward's
+                # activations are alive at a time (the same gradients as one backward of the sum).
                 logprobs, entropy = roles.policy_logprobs(rollout, settings.temperature, rows)
-                values = roles.values(rollout, rows)
                 policy_loss, clipfrac, approxkl = ppo_policy_loss(
                     logprobs, old_logprobs[rows], advantages[rows], mask, settings.clip_range
                 )
+                _check_finite(policy_loss, "policy loss", step)
+                accelerator.backward(policy_loss * weight)
+                values = roles.values(rollout, rows)
                 value_loss, value_clipfrac = ppo_value_loss(
                     values, old_values[rows], returns[rows], mask, settings.clip_range_value
                 )
-                _check_finite(policy_loss, "policy loss", step)
                 _check_finite(value_loss, "value loss", step)
-                accelerator.backward((policy_loss + settings.vf_coef * value_loss) * weight)
+                accelerator.backward(settings.vf_coef * value_loss * weight)
                 measured = (approxkl, clipfrac, policy_loss, value_loss, value_clipfrac, masked_mean(entropy, mask))
                 for key, value in zip(keys, measured):
                     totals[key].append(float(value.detach()))
