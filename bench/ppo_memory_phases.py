@@ -42,10 +42,10 @@ def main(config_path: str, *overrides: str) -> None:
     logprobs = rollout["logprobs"]
     peak("rollout")
     with torch.no_grad():
-        rows, size = len(prompts), settings.micro_batch_size
-        ppo.in_micro_batches(lambda r: roles.reference_logprobs(rollout, settings.temperature, r), rows, size)
-        values = ppo.in_micro_batches(lambda r: roles.values(rollout, r), rows, size)
-        ppo.in_micro_batches(lambda r: roles.scores(rollout, r), rows, size)
+        size = settings.micro_batch_size
+        ppo.in_micro_batches(lambda part: roles.reference_logprobs(part, settings.temperature), rollout, size)
+        values = ppo.in_micro_batches(roles.values, rollout, size)
+        ppo.in_micro_batches(roles.scores, rollout, size)
     peak("scoring")
     optimizer = torch.optim.AdamW([*trainable, *value_head.parameters()], lr=config.ppo.learning_rate)
     advantages = torch.randn_like(logprobs) * rollout["mask"]

@@ -15,7 +15,8 @@ What each stage's peak is made of (per process: with launch.num_processes > 1 ev
   (`layer_saved_bytes`); with gradient checkpointing only each layer's input, plus one layer recomputed;
   then a workspace for the gradients in flight.
 - logits: [tokens, vocab] float32 tensors. sft: TRL's chunked LM-head loss (tiles of 4096 tokens by
-  32768 classes, never the whole [B, T, V]); ppo: its log-softmax and entropy over the response positions.
+  32768 classes, never the whole [B, T, V]); ppo: every sampled step's raw logits while it samples a
+  rollout, then the log-softmax over a micro-batch's response positions while it scores and updates.
 - KV cache: batch × (prompt + new tokens) × layers × 2 (K and V) × kv_heads × head_dim × dtype bytes.
 - CUDA context: the driver context and kernels that torch loads, outside the allocator (~0.75 GiB).
 Not counted: allocator fragmentation, DeepSpeed ZeRO sharding (it lowers the figures), judge models, and
@@ -41,12 +42,14 @@ INT8_ROW_SCALE_BYTES = 4
 """LLM.int8(): one byte per weight plus a float32 scale per output row."""
 LM_HEAD_TILE = (4096, 32768)
 """TRL's chunked log-prob kernel: [tokens, classes] of one LM-head tile (trl.kernels.chunked_logprob)."""
-PPO_LOGIT_BYTES_NO_GRAD = 12
-"""Per response token and vocabulary entry while ppo scores a rollout: the float32 scaled logits, their
-log-softmax, and the softmax for the entropy."""
-PPO_LOGIT_BYTES_TRAIN = 20
-"""The same in the update, with a graph: scaled logits, log-softmax and softmax are kept for the backward
-pass (12), p·logits in flight (4), and the gradient of the logits (4)."""
+PPO_LOGIT_BYTES_SAMPLED = 4
+"""Per response token and vocabulary entry of a rollout: generate's float32 raw logits of every step, kept
+until the rollout's log-probs are read from them."""
+PPO_LOGIT_BYTES_NO_GRAD = 8
+"""The same while ppo scores a micro-batch with the reference: the float32 scaled logits and their log-softmax."""
+PPO_LOGIT_BYTES_TRAIN = 16
+"""The same in the update, with a graph: the scaled logits and their log-softmax (kept for the backward
+pass, 8), the entropy's softmax in flight (4, no graph), and the gradient of the logits (4)."""
 
 
 # --- the model's shape --------------------------------------------------------------------------
@@ -368,22 +371,22 @@ def plan_ppo(shape: ModelShape, config: PipelineConfig, prompt: int, checkpointi
     phases = {
         "rollout": {
             "activations": forward_transient(shape, rollout * prompt, b, lora_cast),
-            "logits": sampling_bytes(shape, rollout),
+            "logits": sampling_bytes(shape, rollout) + PPO_LOGIT_BYTES_SAMPLED * rollout * new * shape.vocab,
             "kv cache": kv_cache_bytes(shape, rollout, length, b),
         },
-        "scoring": {
+        "scoring": {  # reference, value and reward forwards, a micro-batch at a time
             # one layer's live tensors, and the final hidden states every role's head reads
-            "activations": forward_transient(shape, rollout * length, b, lora_cast)
-            + rollout * length * shape.hidden * b,
-            "logits": PPO_LOGIT_BYTES_NO_GRAD * rollout * new * shape.vocab,
+            "activations": forward_transient(shape, micro * length, b, lora_cast) + micro * length * shape.hidden * b,
+            "logits": PPO_LOGIT_BYTES_NO_GRAD * micro * new * shape.vocab,
         },
     }
-    # The update keeps the policy's and the value's forward (two adapters, one backward) of a micro-batch.
+    # The update keeps one forward of a micro-batch at a time: the policy's loss goes backward before
+    # the value's forward.
     per_layer = layer_saved_bytes(shape, b, lora_inputs_per_layer(shape, config), 4 if lora_cast else 0)
     quantized = quantization != "none"
     activations, workspace = training_activations(shape, micro, length, b, per_layer, checkpointing, quantized)
     phases["update"] = {
-        "activations": 2 * activations,
+        "activations": activations,
         "logits": PPO_LOGIT_BYTES_TRAIN * micro * new * shape.vocab,
         "workspace": workspace,
     }

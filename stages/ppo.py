@@ -112,10 +112,10 @@ def run(ctx: StageContext) -> dict:
         started = time.time()
         logprobs = rollout["logprobs"]
         with torch.no_grad():
-            rows, size = len(batch), settings.micro_batch_size
-            ref_logprobs = in_micro_batches(lambda r: roles.reference_logprobs(rollout, settings.temperature, r), rows, size)
-            values = in_micro_batches(lambda r: roles.values(rollout, r), rows, size)
-            scores = in_micro_batches(lambda r: roles.scores(rollout, r), rows, size)
+            size = settings.micro_batch_size
+            ref_logprobs = in_micro_batches(lambda part: roles.reference_logprobs(part, settings.temperature), rollout, size)
+            values = in_micro_batches(roles.values, rollout, size)
+            scores = in_micro_batches(roles.scores, rollout, size)
         if settings.missing_eos_penalty is not None:
             scores = scores - settings.missing_eos_penalty * (~rollout["finished"]).float()
         scores = clip_scores(scores, settings.score_clip)
@@ -239,55 +239,76 @@ class Roles:
         for parameter in self.trainable:
             parameter.requires_grad_(True)
 
-    def _hidden(self, rollout: dict, rows=slice(None)) -> torch.Tensor:
+    def _hidden(self, rollout: dict) -> torch.Tensor:
         inner = self.model.base_model.model.model  # the transformer body, without the LM head
         output = inner(
-            input_ids=rollout["input_ids"][rows],
-            attention_mask=rollout["attention_mask"][rows],
-            position_ids=rollout["position_ids"][rows],
+            input_ids=rollout["input_ids"], attention_mask=rollout["attention_mask"], position_ids=rollout["position_ids"]
         )
         return output.last_hidden_state
 
-    def _response_logits(self, rollout: dict, rows, temperature: float) -> torch.Tensor:
+    def _response_logits(self, rollout: dict, temperature: float) -> torch.Tensor:
         context = rollout["context_length"]
         # Hidden state t predicts token t+1. Only the response's positions go through the LM head:
         # with a 49k vocabulary, the prompt's logits would cost more than the backbone.
-        hidden = self._hidden(rollout, rows)[:, context - 1 : -1]
+        hidden = self._hidden(rollout)[:, context - 1 : -1]
         return self.model.base_model.model.lm_head(hidden).float() / temperature
 
-    def policy_logprobs(self, rollout: dict, temperature: float, rows=slice(None)):
+    def policy_logprobs(self, rollout: dict, temperature: float):
         """([B, T] log-probs of the response tokens, [B, T] entropy): the update's forward."""
         self.use("policy")
-        logits = self._response_logits(rollout, rows, temperature)
+        logits = self._response_logits(rollout, temperature)
         with torch.no_grad():  # logged, not trained on: no [B, T, V] softmax kept for the backward
             entropy = entropy_from_logits(logits.detach())
-        return logprobs_from_logits(logits, rollout["input_ids"][rows][:, rollout["context_length"] :]), entropy
+        return logprobs_from_logits(logits, rollout["input_ids"][:, rollout["context_length"] :]), entropy
 
-    def reference_logprobs(self, rollout: dict, temperature: float, rows=slice(None)) -> torch.Tensor:
+    def reference_logprobs(self, rollout: dict, temperature: float) -> torch.Tensor:
         """[B, T] log-probs of the response tokens under the reference."""
         with self.model.disable_adapter():  # the merged SFT model itself
-            logits = self._response_logits(rollout, rows, temperature)
-        return logprobs_from_logits(logits, rollout["input_ids"][rows][:, rollout["context_length"] :])
+            logits = self._response_logits(rollout, temperature)
+        return logprobs_from_logits(logits, rollout["input_ids"][:, rollout["context_length"] :])
 
-    def values(self, rollout: dict, rows=slice(None)) -> torch.Tensor:
+    def values(self, rollout: dict) -> torch.Tensor:
         """[B, T]: the value of the state before each response token."""
         self.use("value")
-        hidden = self._hidden(rollout, rows)[:, rollout["context_length"] - 1 : -1]
+        hidden = self._hidden(rollout)[:, rollout["context_length"] - 1 : -1]
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
-    def scores(self, rollout: dict, rows=slice(None)) -> torch.Tensor:
+    def scores(self, rollout: dict) -> torch.Tensor:
         """[B]: the reward model's score at each sequence's last real token, as in reward training."""
         self.use("reward")
-        hidden = self._hidden(rollout, rows)
-        last = rollout["context_length"] + rollout["mask"][rows].sum(1).long() - 1
+        hidden = self._hidden(rollout)
+        last = rollout["context_length"] + rollout["mask"].sum(1).long() - 1
         at_last = hidden[torch.arange(hidden.shape[0]), last]
         return self.reward_head(at_last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
 
 
-def in_micro_batches(forward, total: int, size: int) -> torch.Tensor:
-    """forward(rows) over rows [0, total) `size` at a time, concatenated: scoring a rollout then
-    peaks at one micro-batch's activations and logits, not the whole rollout's."""
-    return torch.cat([forward(slice(i, i + size)) for i in range(0, total, size)])
+def micro_batch(rollout: dict, rows: torch.Tensor) -> dict:
+    """The rollout's `rows`, without the left-padding columns they all share: a micro-batch of short
+    prompts runs on short sequences. Position ids count real tokens, so nothing else changes."""
+    context = rollout["context_length"]
+    shared = int((context - rollout["attention_mask"][rows, :context].sum(1)).min())
+    return {
+        "input_ids": rollout["input_ids"][rows, shared:],
+        "attention_mask": rollout["attention_mask"][rows, shared:],
+        "position_ids": rollout["position_ids"][rows, shared:],
+        "context_length": context - shared,
+        "mask": rollout["mask"][rows],
+    }
+
+
+def by_prompt_length(rollout: dict, rows: torch.Tensor) -> torch.Tensor:
+    """`rows` ordered by prompt length, so that micro-batches cut from them share most of their padding
+    (on the bench's 16 prompts of 37-102 tokens, 19% fewer tokens than in arrival order)."""
+    lengths = rollout["attention_mask"][rows, : rollout["context_length"]].sum(1).cpu()
+    return rows[torch.argsort(lengths, stable=True)]
+
+
+def in_micro_batches(forward, rollout: dict, size: int) -> torch.Tensor:
+    """forward(micro-batch) over the whole rollout, `size` rows of similar prompt length at a time,
+    in the rollout's row order: scoring peaks at one micro-batch's activations and logits."""
+    order = by_prompt_length(rollout, torch.arange(rollout["input_ids"].shape[0]))
+    outputs = torch.cat([forward(micro_batch(rollout, rows)) for rows in order.split(size)])
+    return torch.empty_like(outputs).index_copy_(0, order.to(outputs.device), outputs)
 
 
 def weights_checksum(roles: Roles) -> float:
@@ -386,23 +407,23 @@ def ppo_update(accelerator, roles, optimizer, rollout, old_logprobs, old_values,
     for _ in range(settings.ppo_epochs):
         order = torch.randperm(batch_size)
         for start in range(0, batch_size, settings.mini_batch_size):
-            minibatch = order[start : start + settings.mini_batch_size]
-            micro_batches = minibatch.split(settings.micro_batch_size)
-            for rows in micro_batches:
-                mask = rollout["mask"][rows]
+            minibatch = by_prompt_length(rollout, order[start : start + settings.mini_batch_size])
+            for rows in minibatch.split(settings.micro_batch_size):
+                part = micro_batch(rollout, rows)
+                mask = part["mask"]
                 weight = len(rows) / len(minibatch)
                 release_freed_memory()
                 # Policy and value use different adapters on the same backbone, and train disjoint
                 # parameters: each loss goes backward before the other forward, so only one forward's
                 # activations are alive at a time (the same gradients as one backward of the sum).
-                logprobs, entropy = roles.policy_logprobs(rollout, settings.temperature, rows)
+                logprobs, entropy = roles.policy_logprobs(part, settings.temperature)
                 policy_loss, clipfrac, approxkl = ppo_policy_loss(
                     logprobs, old_logprobs[rows], advantages[rows], mask, settings.clip_range
                 )
                 _check_finite(policy_loss, "policy loss", step)
                 accelerator.backward(policy_loss * weight)
                 release_freed_memory()
-                values = roles.values(rollout, rows)
+                values = roles.values(part)
                 value_loss, value_clipfrac = ppo_value_loss(
                     values, old_values[rows], returns[rows], mask, settings.clip_range_value
                 )

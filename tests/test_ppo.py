@@ -124,8 +124,8 @@ def target_token_reward(monkeypatch, run_dir: Path) -> float:
     first_tokens = rollout["input_ids"][:, -1]
     target = first_tokens.mode().values
 
-    def scores(self, rollout, rows=slice(None)):
-        return 5.0 * (rollout["input_ids"][rows, rollout["context_length"]] == target).float()
+    def scores(self, rollout):
+        return 5.0 * (rollout["input_ids"][:, rollout["context_length"]] == target).float()
 
     monkeypatch.setattr(ppo.Roles, "scores", scores)
     return (first_tokens == target).float().mean().item()
@@ -312,9 +312,10 @@ def test_update_gradients_equal_one_backward_of_the_summed_loss(upstream):
 
     expected = {id(p): torch.zeros_like(p) for p in roles.trainable}
     for micro in torch.arange(rows).split(2):
-        mask = rollout["mask"][micro]
-        logprobs, _ = roles.policy_logprobs(rollout, settings.temperature, micro)
-        values = roles.values(rollout, micro)
+        part = ppo.micro_batch(rollout, micro)
+        mask = part["mask"]
+        logprobs, _ = roles.policy_logprobs(part, settings.temperature)
+        values = roles.values(part)
         policy_loss = ppo.ppo_policy_loss(logprobs, old_logprobs[micro], advantages[micro], mask, settings.clip_range)[0]
         value_loss = ppo.ppo_value_loss(values, old_values[micro], returns[micro], mask, settings.clip_range_value)[0]
         torch.autograd.backward((policy_loss + settings.vf_coef * value_loss) * len(micro) / rows)
@@ -333,3 +334,27 @@ def test_update_gradients_equal_one_backward_of_the_summed_loss(upstream):
     assert sum(g.abs().sum() > 0 for g in expected.values()) > len(expected) // 3  # policy B, value A and B, head
     for key, grad in expected.items():
         assert torch.allclose(optimizer.seen.get(key, torch.zeros_like(grad)), grad, rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batches_drop_shared_padding_and_score_the_same(upstream):
+    """Scoring and the update run on micro-batches of rows with similar prompt lengths, cut to the left
+    padding they share: the same log-probs, values and scores as the whole padded rollout."""
+    roles, _, config = setup_roles(upstream)
+    tokenizer = load_tokenizer(str(upstream / "sft" / "merged"))
+    prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", tokenizer, 6, 1)
+    rollout = sample(roles, tokenizer, prompts, config.ppo)
+    lengths = [len(p) for p in prompts]
+    order = ppo.by_prompt_length(rollout, torch.arange(len(prompts)))
+    assert [lengths[i] for i in order] == sorted(lengths)
+    shortest = ppo.micro_batch(rollout, order[:2])
+    assert shortest["context_length"] == max(lengths[i] for i in order[:2]) < max(lengths)
+    assert shortest["input_ids"].shape[1] == rollout["input_ids"].shape[1] - (max(lengths) - shortest["context_length"])
+    with torch.no_grad():
+        for name, forward in [
+            ("reference", lambda part: roles.reference_logprobs(part, 0.7)),
+            ("values", roles.values),
+            ("scores", roles.scores),
+        ]:
+            whole = forward(rollout)
+            in_parts = ppo.in_micro_batches(forward, rollout, 2)
+            assert torch.allclose(in_parts, whole, atol=1e-5), name
