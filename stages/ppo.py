@@ -59,6 +59,7 @@ def run(ctx: StageContext) -> dict:
     config, settings = ctx.config, ctx.config.ppo
     accelerator = Accelerator(cpu=pick_device(config.model) == "cpu")
     set_seed(config.seed)
+    release_freed_memory()  # earlier stages in this process may have left freed pages resident
     reset_peak_memory()
 
     # 1. Setup: one backbone with policy / value / reward adapters and their heads.
