@@ -13,18 +13,19 @@ import torch
 from accelerate import Accelerator
 
 from rlhf.config import load_config
+from rlhf import memory
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.stages import ppo
 
 
 def peak(phase: str) -> None:
-    print(f"{phase:<10} peak resident {ppo.peak_memory_mb() / 1024:.2f} GB", flush=True)
+    print(f"{phase:<10} peak resident {memory.peak_memory_mb() / 1024:.2f} GB", flush=True)
 
 
 def main(config_path: str, *overrides: str) -> None:
     config = load_config(config_path, list(overrides))
     run = Path(config.output_dir)
-    ppo.reset_peak_memory()
+    memory.reset_peak_memory()
     peak("start")
     backbone = load_causal_lm(str(run / "sft" / "merged"), config.model)
     peak("backbone")
@@ -54,4 +55,6 @@ def main(config_path: str, *overrides: str) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        sys.exit(__doc__)
     main(*sys.argv[1:])

@@ -32,6 +32,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from rlhf.data_builders.instructions import read_conversations
 from rlhf.errors import UserError
+from rlhf.memory import peak_memory_mb, release_freed_memory, reset_peak_memory
 from rlhf.models import enable_checkpointing_with_grad, load_causal_lm, load_tokenizer, peft_lora_config, pick_device
 from rlhf.runner import StageContext
 from rlhf.stages.ppo_math import (
@@ -522,58 +523,6 @@ def count_resident_models() -> int:
     # A causal LM holds its body (LlamaModel inside LlamaForCausalLM): count only the outermost.
     inner = {id(sub) for model in models for sub in model.modules() if sub is not model}
     return sum(1 for model in models if id(model) not in inner)
-
-
-def release_freed_memory() -> None:
-    """Give the pages of freed CPU tensors back to the OS (glibc's malloc_trim; nothing elsewhere).
-
-    The update's forward/backward pairs free and allocate thousands of activation tensors of a few MB.
-    glibc serves those from its heap (its mmap threshold rises to 32 MB after the first frees) and
-    keeps freed chunks mapped, so the resident set grows far past the live tensors: on SmolLM2 with
-    8 × ~100-token micro-batches, 7.8 GB resident for ~2.7 GB live. Trimming before each gradient
-    forward held it at 4.1 GB at no measurable cost (bench/ppo_memory_phases.py)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _glibc()
-
-
-def reset_peak_memory() -> None:
-    """Start peak-memory accounting at this stage, not at the process's start (earlier stages may
-    have run in the same process)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak resident set
-    except OSError:
-        pass
-
-
-def peak_memory_mb() -> float:
-    """Peak accelerator memory allocated, or on the CPU the peak resident set size (VmHWM)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def save_checkpoint(checkpoints: Path, step: int, roles: Roles, optimizer, scheduler, kl_ctl) -> None:

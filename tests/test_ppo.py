@@ -295,7 +295,7 @@ def test_rollout_logprobs_equal_a_forward_of_the_policy(upstream, temperature):
     assert torch.allclose(rollout["logprobs"], forward * mask, atol=1e-4)
 
 
-def test_update_gradients_equal_one_backward_of_the_summed_loss(upstream):
+def test_update_gradients_equal_one_backward_of_the_summed_loss(upstream, monkeypatch):
     """ppo_update backs the policy loss out before the value forward (memory); the gradients it steps
     with equal those of one backward of policy_loss + vf_coef · value_loss."""
     from accelerate import Accelerator
@@ -329,8 +329,11 @@ def test_update_gradients_equal_one_backward_of_the_summed_loss(upstream):
             self.seen = {id(p): p.grad.clone() for p in roles.trainable if p.grad is not None}
 
     optimizer = Recorder(roles.trainable, lr=0.0)
+    releases = []
+    monkeypatch.setattr(ppo, "release_freed_memory", lambda: releases.append(1))
     torch.manual_seed(0)  # the update shuffles rows: with 4 rows in one minibatch, the sum is the same
     ppo.ppo_update(Accelerator(cpu=True), roles, optimizer, rollout, old_logprobs, old_values, advantages, returns, settings, 1)
+    assert len(releases) == 2 * 2  # freed memory released before each gradient forward: 2 micro-batches
     assert sum(g.abs().sum() > 0 for g in expected.values()) > len(expected) // 3  # policy B, value A and B, head
     for key, grad in expected.items():
         assert torch.allclose(optimizer.seen.get(key, torch.zeros_like(grad)), grad, rtol=1e-4, atol=1e-6)

@@ -1,5 +1,5 @@
 """ppo's update trims glibc's heap before each gradient forward: freed activations go back to the OS
-instead of inflating the resident set (bench/ppo_memory_phases.py measures the effect on SmolLM2)."""
+instead of inflating the resident set (README, "Benchmarks", has the effect on SmolLM2)."""
 
 import subprocess
 import sys
@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.stages import ppo
+from rlhf import memory
 
 # In a fresh process: glibc's heap and its adaptive mmap threshold depend on what the process did before.
 PROBE = """
 from pathlib import Path
 import torch
-from rlhf.stages import ppo
+from rlhf import memory
 
 def resident_mb():
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:"))
@@ -28,12 +28,12 @@ for _ in range(128):
 before = resident_mb()
 del chunks
 freed = resident_mb()
-ppo.release_freed_memory()
+memory.release_freed_memory()
 print(before, freed, resident_mb())
 """
 
 
-@pytest.mark.skipif(ppo._LIBC is None or not Path("/proc/self/status").exists(), reason="glibc on Linux only")
+@pytest.mark.skipif(memory._LIBC is None or not Path("/proc/self/status").exists(), reason="glibc on Linux only")
 def test_freed_tensors_leave_the_resident_set_after_release():
     result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
     before, freed, released = map(float, result.stdout.split())
