@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 Conversation = list[dict[str, str]]
 
@@ -15,6 +16,39 @@ class Generation:
     text: str
     finished: bool
     """False when it stopped at max_new_tokens before the end-of-sequence token."""
+
+
+class SampleByInverseCdf(LogitsProcessor):
+    """Draws the next token from softmax(scores) itself and hands generate() a score row that is 0 at
+    that token and -inf elsewhere, for generate's greedy step to take.
+
+    Why not generate's own sampling: torch.multinomial draws one exponential variate per vocabulary
+    entry, 19 ms per step for 16 rows of SmolLM2's 49k vocabulary on a 2-core CPU (a tenth of a
+    decode step); inverse-CDF sampling needs one uniform per row (0.5 ms). Same distribution: the
+    token is the first whose cumulative probability exceeds a uniform draw (float64 sums)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        cdf = torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)
+        if not torch.isfinite(cdf[:, -1]).all():  # as torch.multinomial refuses them
+            raise ValueError("sampling: the next-token scores of a row are nan or all -inf")
+        draw = torch.rand(scores.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, draw, right=True).clamp_(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+
+
+def decoding(temperature: float, top_p: float = 1.0, top_k: int = 0, first: tuple = ()) -> dict:
+    """generate() arguments: greedy at temperature 0, else sampling at `temperature` with top-k (0: off)
+    and top-p (1: off), in the order transformers applies them. The model's own generation config
+    (SmolLM2's asks for top_k=50) is overridden, not merged. `first`: logits processors to run before."""
+    processors = list(first)
+    if temperature > 0:
+        processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p < 1:
+            processors.append(TopPLogitsWarper(top_p))
+        processors.append(SampleByInverseCdf())
+    return dict(do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=LogitsProcessorList(processors))
 
 
 @torch.no_grad()
@@ -50,14 +84,10 @@ def generate_chat(
                     [prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
                 ).to(device)
                 torch.manual_seed(seed + start)
-                sampling = temperature > 0
                 output = model.generate(
                     **inputs,
                     max_new_tokens=max_new_tokens,
-                    do_sample=sampling,
-                    temperature=temperature if sampling else None,
-                    top_p=top_p if sampling else None,
-                    top_k=top_k if sampling else None,
+                    **decoding(temperature, top_p, top_k),
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                 )

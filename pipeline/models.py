@@ -231,7 +231,17 @@ def load_causal_lm(path: str, model_config: ModelConfig, quantize: bool = True):
     """A causal LM on the configured device and dtype, quantized when configured and `quantize`."""
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM, path, model_config, quantize)
+    model = _load(AutoModelForCausalLM, path, model_config, quantize)
+    model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
+    return model
+
+
+def _contiguous_input(module, args):
+    """A forward pre-hook for the LM head. Its input is often a strided slice of the hidden states
+    (generate's prefill keeps the last position; PPO keeps the response's). On such a 3-D input torch's
+    matmul broadcasts the [V, H] weight into a [B, H, V] copy instead of folding the batch: on CPU,
+    1.09 s instead of 0.007 s for one 16-row prefill of SmolLM2 (49k vocabulary), in every rollout."""
+    return (args[0].contiguous(), *args[1:])
 
 
 def load_reward_model(path: str, model_config: ModelConfig, tokenizer, quantize: bool = False):

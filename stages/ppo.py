@@ -28,10 +28,11 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model, set_peft_model_state_dict
 from rich.console import Console
 from safetensors.torch import load_file, save_file
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
 from rlhf.data_builders.instructions import read_conversations
 from rlhf.errors import UserError
+from rlhf.generation import decoding
 from rlhf.memory import peak_memory_mb, release_freed_memory, reset_peak_memory
 from rlhf.models import enable_checkpointing_with_grad, load_causal_lm, load_tokenizer, peft_lora_config, pick_device
 from rlhf.runner import StageContext
@@ -251,7 +252,8 @@ class Roles:
     def _response_logits(self, rollout: dict, temperature: float) -> torch.Tensor:
         context = rollout["context_length"]
         # Hidden state t predicts token t+1. Only the response's positions go through the LM head:
-        # with a 49k vocabulary, the prompt's logits would cost more than the backbone.
+        # with a 49k vocabulary, the prompt's logits would cost more than the backbone. (The LM head
+        # makes the strided slice contiguous first: rlhf.models._contiguous_input says why.)
         hidden = self._hidden(rollout)[:, context - 1 : -1]
         return self.model.base_model.model.lm_head(hidden).float() / temperature
 
@@ -357,19 +359,13 @@ def generate_rollout(
     prompt_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
     prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
     guard = RepairNonFinite()
-    if temperature > 0:
-        # top_k=0, not None: a model's generation config (often top_k=50) would otherwise narrow the sampling.
-        decoding = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or 0)
-    else:
-        decoding = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     roles.use(adapter or "policy")
     with roles.model.disable_adapter() if adapter is None else contextlib.nullcontext():
         output = roles.model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             max_new_tokens=max_new_tokens,
-            **decoding,
-            logits_processor=LogitsProcessorList([guard]),
+            **decoding(temperature, top_p, top_k, first=(guard,)),
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
             output_logits=True,  # raw logits, before temperature and top-p: the model's own distribution

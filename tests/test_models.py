@@ -60,3 +60,15 @@ def test_each_launched_process_gets_its_own_gpu(monkeypatch):
     assert process_device(ModelConfig(device="cpu")) == "cpu"
     monkeypatch.delenv("LOCAL_RANK")
     assert process_device(ModelConfig(device="cuda")) == "cuda"
+
+
+def test_the_lm_head_gets_a_contiguous_input_during_generation():
+    """generate's prefill feeds the LM head a strided slice (the last position); on that, torch's matmul
+    copies the weight once per row (1.09 s instead of 0.007 s for a 16-row SmolLM2 prefill)."""
+    path = resolve_model("tiny-random-llama")
+    model = load_causal_lm(path, ModelConfig(name_or_path=path)).eval()
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    ids = load_tokenizer(path)(["write a short tip", "hi"], return_tensors="pt", padding=True)
+    model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert len(seen) == 3 and all(seen)

@@ -1,0 +1,46 @@
+"""Sampling: our inverse-CDF sampler draws from the same distribution as torch.multinomial, and the
+decoding settings reach generate() as configured."""
+
+import pytest
+import torch
+
+from rlhf.config import ModelConfig
+from rlhf.generation import SampleByInverseCdf, decoding, generate_chat
+from rlhf.models import load_causal_lm, load_tokenizer, resolve_model
+
+
+def test_inverse_cdf_sampler_draws_tokens_at_their_softmax_probabilities():
+    scores = torch.tensor([[2.0, 1.0, float("-inf"), 0.0, -1.0]]).repeat(40_000, 1)
+    torch.manual_seed(0)
+    chosen = SampleByInverseCdf()(None, scores.clone())
+    assert ((chosen == 0) | torch.isneginf(chosen)).all() and ((chosen == 0).sum(1) == 1).all()
+    counts = torch.bincount(chosen.argmax(1), minlength=5).double() / 40_000
+    expected = torch.softmax(scores[0].double(), 0)  # 0.644, 0.237, 0, 0.087, 0.032
+    # 4 standard errors of a frequency over 40k draws is at most 0.01; a token of probability 0 never comes.
+    assert torch.allclose(counts, expected, atol=0.01)
+    assert counts[2] == 0
+
+
+def test_inverse_cdf_sampler_refuses_nan_scores_like_multinomial():
+    with pytest.raises(ValueError, match="nan or all -inf"):
+        SampleByInverseCdf()(None, torch.tensor([[0.0, float("nan")]]))
+
+
+def test_top_k_1_sampling_is_greedy_decoding_and_samples_differ_by_seed():
+    path = resolve_model("tiny-random-llama")
+    model, tokenizer = load_causal_lm(path, ModelConfig(name_or_path=path)).eval(), load_tokenizer(path)
+    chats = [[{"role": "user", "content": text}] for text in ("write a short tip", "name a colour", "hello")]
+    greedy = generate_chat(model, tokenizer, chats, max_new_tokens=12)
+    top1 = generate_chat(model, tokenizer, chats, max_new_tokens=12, temperature=1.0, top_k=1, seed=5)
+    assert top1 == greedy
+    sampled = [generate_chat(model, tokenizer, chats, max_new_tokens=12, temperature=1.0, seed=s) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_decoding_overrides_the_models_generation_config():
+    settings = decoding(0.7, top_p=0.9, top_k=0)
+    assert settings["do_sample"] is False and settings["top_k"] is None  # SmolLM2's top_k=50 must not apply
+    assert [type(p).__name__ for p in settings["logits_processor"]] == [
+        "TemperatureLogitsWarper", "TopPLogitsWarper", "SampleByInverseCdf",
+    ]
+    assert list(decoding(0.0)["logits_processor"]) == []
