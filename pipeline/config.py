@@ -201,7 +201,12 @@ class EvaluateConfig(Section):
     temperature: float = Field(1.0, ge=0)
     """0: greedy. The KL is measured at this temperature: keep it at ppo.temperature to compare with ppo.kl_budget."""
     top_p: float = Field(1.0, gt=0, le=1)
+    samples_per_prompt: int = Field(4, gt=0)
+    """Responses per prompt and model. Means are over every response; the win rate compares each prompt's
+    mean gold score. One sample at temperature > 0 makes it noisy: on the quickstart the same policy's
+    single-sample win rates spread from 0.375 to 0.542 while 8 samples gave 0.667 (README, "Measured")."""
     batch_size: int = Field(16, gt=0)
+    """Responses generated at once."""
     judge: Literal["rubric", "llm"] = "rubric"
     """The gold judge: the rubric (with the eval split's reference answer), or a teacher's pairwise verdicts."""
     judge_teacher: TeacherConfig = TeacherConfig(temperature=0.0, max_new_tokens=8)

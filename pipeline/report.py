@@ -71,8 +71,8 @@ def summary_table(report: dict) -> str:
     budget = "within" if report["kl_within_budget"] else "OVER"
     lines += [
         "",
-        f"{report['prompts']} held-out prompts; proxy: {report['proxy_reward_model']}; gold: {JUDGES[report['judge']]}.",
-        f"PPO vs SFT (gold judge): {wins['wins']} wins, {wins['ties']} ties, {wins['losses']} losses "
+        f"{report['prompts']} held-out prompts{_responses_each(report)}; proxy: {report['proxy_reward_model']}; gold: {JUDGES[report['judge']]}.",
+        f"PPO vs SFT (gold judge, prompt by prompt): {wins['wins']} wins, {wins['ties']} ties, {wins['losses']} losses "
         f"(win rate {wins['win_rate']:.3f}; ties as half {wins['win_rate_ties_half']:.3f}).",
         f"Reward hacking: {'YES' if report['reward_hacking'] else 'no'} "
         f"(proxy {delta_proxy:+.4f}, gold {delta_gold:+.4f}, PPO minus SFT).",
@@ -96,7 +96,8 @@ def markdown_report(report: dict, samples: list[dict], plots: list[str], num_sam
         "",
         "## How this was measured",
         "",
-        f"Both models answered the same {report['prompts']} held-out prompts (the instruction dataset's eval split) "
+        f"Both models answered the same {report['prompts']} held-out prompts{_responses_each(report)} (the instruction "
+        "dataset's eval split) "
         f"with the same decoding (temperature {decoding['temperature']:g}, top_p {decoding['top_p']:g}, "
         f"max_new_tokens {decoding['max_new_tokens']}) and seed {decoding['seed']}.",
         "- proxy reward: the learned reward model's score of the whole conversation (no missing-EOS penalty);",
@@ -105,6 +106,8 @@ def markdown_report(report: dict, samples: list[dict], plots: list[str], num_sam
         "temperature, on each model's own samples (0 for SFT by definition), averaged;",
         "- length: response tokens, the end-of-sequence token included; EOS fraction: responses that ended "
         "before max_new_tokens.",
+        "- win rate: prompt by prompt, PPO's mean gold score over its responses to the prompt against SFT's; "
+        "the other columns average every response.",
         "",
     ]
     if plots:
@@ -118,7 +121,7 @@ def markdown_report(report: dict, samples: list[dict], plots: list[str], num_sam
                 if isinstance(value, (int, float)):
                     parts.append(f"| {task} | {metric} | {_number(value)} | {_number(other)} |")
         parts.append("")
-    shown = samples[:num_samples]
+    shown = [row for row in samples if row.get("sample", 0) == 0][:num_samples]  # one per prompt
     if shown:
         parts += [f"## Samples ({len(shown)} of {len(samples)}; all in samples.jsonl)", ""]
         for i, row in enumerate(shown, 1):
@@ -135,6 +138,11 @@ def markdown_report(report: dict, samples: list[dict], plots: list[str], num_sam
                 "",
             ]
     return "\n".join(parts)
+
+
+def _responses_each(report: dict) -> str:
+    k = report.get("samples_per_prompt", 1)  # reports written before samples_per_prompt existed had one
+    return f" × {k} responses each" if k > 1 else ""
 
 
 def _gold_description(judge: str) -> str:

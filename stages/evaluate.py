@@ -1,9 +1,9 @@
 """The evaluate stage: the SFT model against the PPO policy on held-out prompts.
 
-Both models answer the instruction dataset's eval split (never trained on) with the same decoding
-settings and seed. They are one resident backbone, as in the ppo stage: the merged SFT model with
-the PPO policy adapter switched on (PPO) or all adapters disabled (SFT), plus the reward adapter and
-score head (the proxy reward, computed exactly as PPO's `Roles.scores`). For each model it measures:
+Both models answer the instruction dataset's eval split (never trained on) `samples_per_prompt`
+times per prompt, with the same decoding settings and seed. They are one resident backbone, as in
+the ppo stage: the merged SFT model with the PPO policy adapter switched on (PPO) or all adapters
+disabled (SFT), plus the reward adapter and score head (the proxy reward, computed exactly as PPO's `Roles.scores`). For each model it measures:
 - proxy reward: the learned reward model's score (or the external reward model's, when the reward
   stage used one);
 - gold reward: the rubric judge with the eval split's reference answer, or a teacher's pairwise
@@ -11,11 +11,11 @@ score head (the proxy reward, computed exactly as PPO's `Roles.scores`). For eac
 - KL to SFT: per response, the sum over its tokens of log π_ppo − log π_sft on the model's own
   samples (0 for SFT), at the sampling temperature, the quantity ppo.kl_budget bounds;
 - response length in tokens and the fraction of responses that ended with EOS.
-Then PPO's win rate over SFT under the gold judge (ties counted apart) and a reward-hacking flag
-(proxy up, gold down). Optionally lm-evaluation-harness tasks on both models.
+Then PPO's win rate over SFT under the gold judge, prompt by prompt on each prompt's mean gold score
+(ties counted apart), and a reward-hacking flag (proxy up, gold down). Optionally lm-evaluation-harness tasks on both models.
 
 Outputs: `report.json`, `report.md` (table, plots, side-by-side samples), `samples.jsonl` (every
-prompt), `plots/` (PNG training curves from the sft, reward and ppo metrics).
+response pair), `plots/` (PNG training curves from the sft, reward and ppo metrics).
 """
 
 from __future__ import annotations
@@ -63,9 +63,12 @@ def run(ctx: StageContext) -> dict:
         list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         for prompt, _ in examples
     ]
+    # Each prompt's responses sit next to each other: response r answers prompt r // samples_per_prompt.
+    k = settings.samples_per_prompt
+    rows = [prompt for prompt in prompts for _ in range(k)]
     logprob_temperature = settings.temperature or 1.0  # greedy: the models' own distributions
     console.print(
-        f"evaluate: {len(examples)} held-out prompts, SFT vs PPO (temperature {settings.temperature:g}, "
+        f"evaluate: {len(examples)} held-out prompts × {k} responses, SFT vs PPO (temperature {settings.temperature:g}, "
         f"top_p {settings.top_p:g}, max_new_tokens {settings.max_new_tokens}, seed {config.seed})"
     )
 
@@ -73,9 +76,9 @@ def run(ctx: StageContext) -> dict:
     #    backbone: token counts, EOS, the KL of PPO's samples to SFT, and the proxy reward.
     measured: dict[str, dict[str, list]] = {m: {"text": [], "length": [], "finished": [], "kl": [], "proxy": []} for m in MODELS}
     nonfinite = 0
-    with tqdm(total=2 * len(prompts), desc="evaluate: generating", unit="response") as progress:
-        for start in range(0, len(prompts), settings.batch_size):
-            batch = prompts[start : start + settings.batch_size]
+    with tqdm(total=2 * len(rows), desc="evaluate: generating", unit="response") as progress:
+        for start in range(0, len(rows), settings.batch_size):
+            batch = rows[start : start + settings.batch_size]
             for name in MODELS:
                 torch.manual_seed(config.seed + start)  # the same seed for both models
                 rollout = generate_rollout(
@@ -101,10 +104,11 @@ def run(ctx: StageContext) -> dict:
     del roles, model, backbone  # free the backbone before loading any judge model
 
     # 3. Proxy reward from the external reward model, when the reward stage used one.
+    row_examples = [example for example in examples for _ in range(k)]
     candidates = {
         name: [
             Candidate(prompt, text, finished, reference)
-            for (prompt, reference), text, finished in zip(examples, measured[name]["text"], measured[name]["finished"])
+            for (prompt, reference), text, finished in zip(row_examples, measured[name]["text"], measured[name]["finished"])
         ]
         for name in MODELS
     }
@@ -123,10 +127,11 @@ def run(ctx: StageContext) -> dict:
         verdicts = LLMJudge(teacher, seed=config.seed).verdicts(list(zip(candidates["ppo"], candidates["sft"])))
         measured["ppo"]["gold"], measured["sft"]["gold"] = verdict_scores(verdicts)
 
-    # 5. The report: per-model means, the win rate, the reward-hacking flag, the KL budget.
+    # 5. The report: per-model means, the win rate (prompt by prompt), the reward-hacking flag, the KL budget.
     models = {name: summarize(measured[name]) for name in MODELS}
     report = {
         "prompts": len(examples),
+        "samples_per_prompt": k,
         "decoding": {
             "temperature": settings.temperature,
             "top_p": settings.top_p,
@@ -136,7 +141,7 @@ def run(ctx: StageContext) -> dict:
         "proxy_reward_model": f"external reward model {external}" if external else "reward stage (adapter + score head)",
         "judge": settings.judge,
         "models": models,
-        "win_rate": win_rate(measured["ppo"]["gold"], measured["sft"]["gold"]),
+        "win_rate": win_rate(per_prompt_means(measured["ppo"]["gold"], k), per_prompt_means(measured["sft"]["gold"], k)),
         "reward_hacking": reward_hacking(
             models["sft"]["proxy_reward"], models["ppo"]["proxy_reward"], models["sft"]["gold_reward"], models["ppo"]["gold_reward"]
         ),
@@ -144,7 +149,7 @@ def run(ctx: StageContext) -> dict:
         "kl_within_budget": models["ppo"]["kl"] <= config.ppo.kl_budget,
         "nonfinite_samples": nonfinite,
     }
-    samples = sample_rows(examples, measured)
+    samples = sample_rows(examples, measured, k)
 
     # 6. Optional: lm-evaluation-harness on both models (needs the lm_eval package; never installed for you).
     report["lm_eval"] = run_lm_eval(settings, ctx.inputs["sft"] / "merged", ctx.inputs["ppo"] / "policy", config)
@@ -229,10 +234,18 @@ def summarize(record: dict[str, list]) -> dict:
     }
 
 
-def sample_rows(examples, measured) -> list[dict]:
+def per_prompt_means(values: list[float], samples_per_prompt: int) -> list[float]:
+    """[P·k] scores, each prompt's k in a row -> [P] means."""
+    k = samples_per_prompt
+    return [sum(values[i : i + k]) / k for i in range(0, len(values), k)]
+
+
+def sample_rows(examples, measured, samples_per_prompt: int) -> list[dict]:
+    """One row per (prompt, sample): both models' responses and measures side by side."""
     rows = []
-    for i, (prompt, reference) in enumerate(examples):
-        row = {"prompt": prompt[-1]["content"], "reference": reference}
+    for i in range(len(measured["sft"]["text"])):
+        prompt, reference = examples[i // samples_per_prompt]
+        row = {"prompt": prompt[-1]["content"], "reference": reference, "sample": i % samples_per_prompt}
         for name in MODELS:
             record = measured[name]
             row |= {
@@ -260,6 +273,7 @@ def flat_summary(report: dict) -> dict:
         "reward_hacking": report["reward_hacking"],
         "kl_within_budget": report["kl_within_budget"],
         "prompts": report["prompts"],
+        "samples_per_prompt": report["samples_per_prompt"],
     }
     return summary
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf.cli import main
 from rlhf.config import load_config
 from rlhf.report import reward_hacking, summary_table, verdict_scores, win_rate
-from rlhf.stages.evaluate import run_lm_eval
+from rlhf.stages.evaluate import per_prompt_means, run_lm_eval
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -88,6 +88,34 @@ def test_report_holds_every_measure(run_dir):
     assert "| model | proxy reward | gold reward | KL to SFT |" in markdown
     assert "## Samples (4 of 8" in markdown and markdown.count("**PPO**") == 4  # evaluate.num_samples: 4
     assert all(f"(plots/{name})" in markdown for name in PLOTS)
+
+
+def test_per_prompt_means_average_each_prompts_responses():
+    assert per_prompt_means([0.2, 0.4, 0.9, 0.5], 2) == pytest.approx([0.3, 0.7])
+    assert per_prompt_means([0.2, 0.4, 0.9], 1) == [0.2, 0.4, 0.9]
+
+
+def test_several_responses_per_prompt_are_judged_prompt_by_prompt(run_dir, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    assert main(["run", SMOKE, f"output_dir={copy}", "--only", "evaluate", "evaluate.samples_per_prompt=3"]) == 0
+    report = json.loads((copy / "evaluate" / "report.json").read_text())
+    assert report["prompts"] == 8 and report["samples_per_prompt"] == 3
+    samples = [json.loads(line) for line in (copy / "evaluate" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 24 and [s["sample"] for s in samples[:6]] == [0, 1, 2, 0, 1, 2]
+    assert all(len({s["prompt"] for s in samples[i : i + 3]}) == 1 for i in range(0, 24, 3))
+    for name in ("sft", "ppo"):  # the table's means are over every response
+        gold = [s[f"{name}_gold"] for s in samples]
+        assert report["models"][name]["gold_reward"] == pytest.approx(sum(gold) / 24, abs=1e-3)
+    # The win rate compares each prompt's mean gold score, not single responses.
+    expected = win_rate(per_prompt_means([s["ppo_gold"] for s in samples], 3), per_prompt_means([s["sft_gold"] for s in samples], 3))
+    assert {k: report["win_rate"][k] for k in ("wins", "ties", "losses")} == {k: expected[k] for k in ("wins", "ties", "losses")}
+    assert report["win_rate"]["prompts"] == 8
+    markdown = (copy / "evaluate" / "report.md").read_text()
+    assert "8 held-out prompts × 3 responses each" in markdown
+    shown = [line.split(". ", 1)[1] for line in markdown.splitlines() if line.startswith("### ")]
+    assert "## Samples (4 of 24" in markdown and len(set(shown)) == 4  # one sample per prompt
+    assert "8 held-out prompts × 3 responses each" in capsys.readouterr().out
 
 
 def test_plots_are_valid_pngs(run_dir):
