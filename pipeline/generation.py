@@ -77,7 +77,7 @@ def generate_chat(
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     device = next(model.parameters()).device
     try:
-        with tqdm(total=len(prompts), desc=description, unit="prompt") as progress:
+        with tqdm(total=len(prompts), desc=description, unit="reply") as progress:
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
                 inputs = tokenizer(
