@@ -3,7 +3,8 @@
 Both models answer the instruction dataset's eval split (never trained on) `samples_per_prompt`
 times per prompt, with the same decoding settings and seed. They are one resident backbone, as in
 the ppo stage: the merged SFT model with the PPO policy adapter switched on (PPO) or all adapters
-disabled (SFT), plus the reward adapter and score head (the proxy reward, computed exactly as PPO's `Roles.scores`). For each model it measures:
+disabled (SFT), plus the reward adapter and score head (the proxy reward, computed exactly as PPO's
+`Roles.scores`). For each model it measures, averaged over every response:
 - proxy reward: the learned reward model's score (or the external reward model's, when the reward
   stage used one);
 - gold reward: the rubric judge with the eval split's reference answer, or a teacher's pairwise
@@ -12,7 +13,8 @@ disabled (SFT), plus the reward adapter and score head (the proxy reward, comput
   samples (0 for SFT), at the sampling temperature, the quantity ppo.kl_budget bounds;
 - response length in tokens and the fraction of responses that ended with EOS.
 Then PPO's win rate over SFT under the gold judge, prompt by prompt on each prompt's mean gold score
-(ties counted apart), and a reward-hacking flag (proxy up, gold down). Optionally lm-evaluation-harness tasks on both models.
+(ties counted apart), and a reward-hacking flag (proxy up, gold down). Optionally lm-evaluation-harness
+tasks on both models.
 
 Outputs: `report.json`, `report.md` (table, plots, side-by-side samples), `samples.jsonl` (every
 response pair), `plots/` (PNG training curves from the sft, reward and ppo metrics).
