@@ -68,6 +68,7 @@ def run(ctx: StageContext) -> dict:
     # Each prompt's responses sit next to each other: response r answers prompt r // samples_per_prompt.
     k = settings.samples_per_prompt
     rows = [prompt for prompt in prompts for _ in range(k)]
+    row_examples = [example for example in examples for _ in range(k)]
     logprob_temperature = settings.temperature or 1.0  # greedy: the models' own distributions
     console.print(
         f"evaluate: {len(examples)} held-out prompts × {k} responses, SFT vs PPO (temperature {settings.temperature:g}, "
@@ -106,7 +107,6 @@ def run(ctx: StageContext) -> dict:
     del roles, model, backbone  # free the backbone before loading any judge model
 
     # 3. Proxy reward from the external reward model, when the reward stage used one.
-    row_examples = [example for example in examples for _ in range(k)]
     candidates = {
         name: [
             Candidate(prompt, text, finished, reference)
@@ -151,7 +151,7 @@ def run(ctx: StageContext) -> dict:
         "kl_within_budget": models["ppo"]["kl"] <= config.ppo.kl_budget,
         "nonfinite_samples": nonfinite,
     }
-    samples = sample_rows(examples, measured, k)
+    samples = sample_rows(row_examples, measured, k)
 
     # 6. Optional: lm-evaluation-harness on both models (needs the lm_eval package; never installed for you).
     report["lm_eval"] = run_lm_eval(settings, ctx.inputs["sft"] / "merged", ctx.inputs["ppo"] / "policy", config)
@@ -242,11 +242,10 @@ def per_prompt_means(values: list[float], samples_per_prompt: int) -> list[float
     return [sum(values[i : i + k]) / k for i in range(0, len(values), k)]
 
 
-def sample_rows(examples, measured, samples_per_prompt: int) -> list[dict]:
+def sample_rows(row_examples, measured, samples_per_prompt: int) -> list[dict]:
     """One row per (prompt, sample): both models' responses and measures side by side."""
     rows = []
-    for i in range(len(measured["sft"]["text"])):
-        prompt, reference = examples[i // samples_per_prompt]
+    for i, (prompt, reference) in enumerate(row_examples):
         row = {"prompt": prompt[-1]["content"], "reference": reference, "sample": i % samples_per_prompt}
         for name in MODELS:
             record = measured[name]
