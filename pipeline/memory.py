@@ -45,16 +45,44 @@ def reset_peak_memory() -> None:
         pass
 
 
+def current_memory_mb() -> float:
+    """Accelerator memory allocated now, or on the CPU the resident set size (VmRSS)."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**20
+    return _proc_status_mb("VmRSS:") or 0.0
+
+
+def stage_memory(start_mb: float) -> dict:
+    """What a stage's manifest records: where it ran, the memory in use when it started, and its peak
+    (MiB). On a GPU, allocated tensors (`max_memory_allocated`) and what the caching allocator reserved;
+    on the CPU, resident sets, which also hold the Python runtime and the libraries."""
+    if torch.cuda.is_available():
+        return {
+            "device": torch.cuda.get_device_name(),
+            "start_mb": round(start_mb, 1),
+            "peak_mb": round(peak_memory_mb(), 1),
+            "peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1),
+        }
+    return {"device": "cpu", "start_mb": round(start_mb, 1), "peak_mb": round(peak_memory_mb(), 1)}
+
+
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory_mb() -> float:
     """Peak accelerator memory allocated, or on the CPU the peak resident set size (VmHWM)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = _proc_status_mb("VmHWM:")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -351,6 +351,9 @@ def _run_lock(run_dir: Path):
 
 
 def _run_stage(stage: Stage, config: PipelineConfig, parts: dict, run_dir: Path, echo) -> str:
+    # Imported here: rlhf.memory imports torch, which `rlhf status` and a no-op `rlhf run` never need.
+    from rlhf.memory import current_memory_mb, release_freed_memory, reset_peak_memory, stage_memory
+
     fp = fingerprint(parts)
     tmp_root = run_dir / ".tmp"
     out_dir = tmp_root / f"{stage.name}.{os.getpid()}"
@@ -370,7 +373,11 @@ def _run_stage(stage: Stage, config: PipelineConfig, parts: dict, run_dir: Path,
     started = time.time()
     try:
         module = importlib.import_module(stage.module)
+        release_freed_memory()  # an earlier stage in this process may have left freed pages resident
+        reset_peak_memory()
+        start_mb = current_memory_mb()
         metrics = module.run(ctx) or {}
+        memory = stage_memory(start_mb)
         missing = [o for o in stage.outputs if not (out_dir / o).exists()] if process_rank() == 0 else []
         if missing:
             raise RuntimeError(f"stage {stage.name} did not write {', '.join(missing)}")
@@ -392,12 +399,14 @@ def _run_stage(stage: Stage, config: PipelineConfig, parts: dict, run_dir: Path,
         "finished_at": _iso(finished),
         "duration_s": round(finished - started, 2),
         "metrics": metrics,
+        "memory": memory,
         "versions": library_versions(),
     }
     _write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2))
     _publish(out_dir, run_dir / stage.name)
     shutil.rmtree(work_dir, ignore_errors=True)
-    echo(f"[done] {stage.name} in {finished - started:.1f}s -> {run_dir / stage.name}")
+    peak = f"{memory['peak_mb'] / 1024:.2f} GiB " + ("resident" if memory["device"] == "cpu" else "GPU allocated")
+    echo(f"[done] {stage.name} in {finished - started:.1f}s, peak {peak} -> {run_dir / stage.name}")
     return fp
 
 

@@ -42,6 +42,21 @@ def test_first_run_runs_everything_and_rerun_nothing(tmp_path):
     assert "torch" in manifest["versions"]
 
 
+def test_manifest_records_each_stages_peak_memory(tmp_path, monkeypatch):
+    """On the CPU: resident sets in MiB. The second stage touches 300 MiB and frees it; the others don't."""
+    monkeypatch.setenv("FAKE_ALLOCATE_MB", "300")
+    config = make_config(tmp_path)
+    run(config)
+    memory = {
+        name: json.loads((Path(config.output_dir) / name / "manifest.json").read_text())["memory"]
+        for name in ("first", "second", "third")
+    }
+    assert {m["device"] for m in memory.values()} == {"cpu"}
+    growth = {name: m["peak_mb"] - m["start_mb"] for name, m in memory.items()}
+    assert 300 <= growth["second"] < 340, growth
+    assert growth["first"] < 20 and growth["third"] < 20, growth  # the peak starts again at each stage
+
+
 def test_downstream_only_key_reruns_only_downstream(tmp_path):
     config = make_config(tmp_path)
     run(config)
