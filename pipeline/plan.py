@@ -21,7 +21,8 @@ What each stage's peak is made of (per process: with launch.num_processes > 1 ev
 - CUDA context: the driver context and kernels that torch loads, outside the allocator (~0.75 GiB).
 Not counted: allocator fragmentation, DeepSpeed ZeRO sharding (it lowers the figures), judge models, and
 the evaluate and export stages.
-The figures have not been compared with measured GPU peaks yet (no GPU on the reference machine).
+The figures have not been compared with measured GPU peaks yet (no GPU on the reference machine);
+bench/plan_vs_measured.py does that, and on the CPU compares them with resident memory (README).
 """
 
 from __future__ import annotations

@@ -160,7 +160,12 @@ def test_hub_model_offline_without_a_config_is_one_line(capsys):
 @pytest.mark.parametrize(
     "name, params",
     # the published parameter counts of these models
-    [("qwen2.5-7b-instruct", 7_615_616_512), ("qwen2.5-0.5b-instruct", 494_032_768), ("llama-2-7b", 6_738_415_616)],
+    [
+        ("qwen2.5-7b-instruct", 7_615_616_512),
+        ("qwen2.5-0.5b-instruct", 494_032_768),
+        ("llama-2-7b", 6_738_415_616),
+        ("smollm2-135m-instruct", 134_515_008),  # as the embedded model, dequantized, counts itself
+    ],
 )
 def test_shipped_model_shapes(name, params):
     shape = plan.load_shape("unused", str(REPO / "configs" / "model_shapes" / f"{name}.json"))
