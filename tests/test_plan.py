@@ -102,6 +102,9 @@ def test_sft_estimate_is_the_sum_of_its_parts(shape):
     assert estimate.checkpointing is False and estimate.flipped_total < estimate.total
     reward = plan.plan_trainer("reward", shape, config.model_copy(update={"reward": config.reward.model_copy(update={"batch_size": 1, "max_length": 8})}))
     assert reward.parts["logits"] == 0 and "chosen + rejected" in reward.note  # 2 sequences: the pair
+    # reward trains with dropout off (RewardConfig.disable_dropout): 2 bytes per LoRA input feature, not 3
+    assert plan.layer_saved_bytes(shape, 2, lora_inputs=512, lora_input_bytes=2) == 3_856 - 512
+    assert reward.parts["activations"] == plan.training_activations(shape, 2, 8, 2, 3_856 - 512, False, False)[0]
 
 
 def test_ppo_peak_is_the_largest_phase(shape):
