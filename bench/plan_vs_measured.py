@@ -7,9 +7,10 @@ of a given shape and synthetic data at the lengths the plan assumes.
         --model-config configs/model_shapes/qwen2.5-7b-instruct.json
     # on the CPU: SmolLM2's shape under the quickstart's settings
     python bench/plan_vs_measured.py configs/quickstart.yaml \\
-        --model-config configs/model_shapes/smollm2-135m-instruct.json --prompt-tokens 128
+        --model-config configs/model_shapes/smollm2-135m-instruct.json --prompt-tokens 128 model.dtype=float32
 
-1. The model: built from the shape's config.json with random weights, saved in the config's dtype, with
+1. The model: built from the shape's config.json with random weights, saved in the dtype this machine
+   computes in (`model.dtype`, `auto` resolved as the pipeline resolves it: the plan is given that), with
    a word-level tokenizer that covers its whole vocabulary. Random weights almost never sample the end
    token, so every generation runs to its max_new_tokens: the plan's worst case.
 2. The data, at the planned lengths: seeds whose chat prompts are --prompt-tokens long (one teacher
@@ -58,20 +59,27 @@ def main() -> None:
 
     from rlhf.config import load_config, to_yaml
 
+    from rlhf.models import pick_dtype
+
+    if not Path(args.model_config).is_file():
+        sys.exit(f"plan_vs_measured: --model-config {args.model_config}: file not found")
     work = Path(args.work).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     base = load_config(args.config, args.overrides)
+    # The plan reads `auto` as bfloat16 (a GPU); the run would take float32 on a CPU without AVX-512.
+    # Name the dtype this machine will use, so that the model, the run and the plan agree.
+    dtype = str(pick_dtype(base.model)).removeprefix("torch.")
+    args.overrides.append(f"model.dtype={dtype}")
 
     # 1. A model of the shape, with random weights, and a tokenizer for its whole vocabulary.
     model_dir = work / "model"
-    build_random_model(Path(args.model_config), model_dir, base.model.dtype)
+    build_random_model(Path(args.model_config), model_dir, dtype)
 
     # 2. Synthetic seeds and preference pairs at the planned lengths.
     words = Words(model_dir)
-    settings = {"instructions": base.instructions, "sft": base.sft, "reward": base.reward}
     num_eval = 2
-    answered_by_teacher = settings["instructions"].teacher.batch_size
+    answered_by_teacher = base.instructions.teacher.batch_size
     with_answers = args.steps * base.sft.batch_size * base.sft.grad_accum * base.launch.num_processes
     seeds = [{"instruction": words.prompt(args.prompt_tokens)} for _ in range(answered_by_teacher)]
     answer_tokens = base.sft.max_length - args.prompt_tokens - words.answer_overhead
@@ -143,7 +151,7 @@ def build_random_model(shape_file: Path, dest: Path, dtype_name: str) -> None:
     tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[:3])})
     tokenizer.chat_template = CHATML_TEMPLATE
     text.bos_token_id, text.eos_token_id, text.pad_token_id = 1, 2, 0
-    dtype = torch.float32 if dtype_name == "float32" else torch.bfloat16  # `auto` on a GPU: bfloat16
+    dtype = getattr(torch, dtype_name)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # random init of 7B parameters: seconds on a GPU
     torch.manual_seed(0)
     with torch.device(device):

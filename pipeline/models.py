@@ -227,7 +227,9 @@ def cpu_has_bf16_kernels() -> bool:
     on [8, 256] tokens took 403 s in bfloat16 and 17-22 s in float32. Other CPUs (Arm): float32.
     RLHF_CPU_BF16=1 or 0 overrides the detection (the tests pin 0, so they compute alike everywhere)."""
     forced = os.environ.get("RLHF_CPU_BF16")
-    if forced in ("0", "1"):
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise UserError(f"environment variable RLHF_CPU_BF16: expected 0 or 1, got '{forced}'")
         return forced == "1"
     get_capabilities = getattr(torch.cpu, "get_capabilities", None)
     has = get_capabilities() if get_capabilities is not None else {}

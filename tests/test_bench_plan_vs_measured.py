@@ -60,3 +60,14 @@ def test_plan_vs_measured_runs_each_stage_at_the_planned_lengths(tmp_path):
             assert len(tokenizer.apply_chat_template(turn, tokenize=True, return_dict=True)["input_ids"]) == 128
     reward = json.loads((work / "run" / "reward" / "manifest.json").read_text())
     assert reward["metrics"]["train_dropped_too_long"] == 0 and reward["memory"]["device"] == "cpu"
+    # `auto` is named as this machine resolves it (float32: the tests pin RLHF_CPU_BF16=0), so that the plan
+    # is not given bfloat16 for a run in float32
+    assert "  dtype: float32\n" in (work / "config.yaml").read_text()
+
+
+def test_plan_vs_measured_names_a_missing_shape_file(tmp_path):
+    command = [sys.executable, str(REPO / "bench" / "plan_vs_measured.py"), str(REPO / "configs" / "smoke.yaml"),
+               "--model-config", str(tmp_path / "missing.json"), "--work", str(tmp_path / "work")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=os.environ, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"plan_vs_measured: --model-config {tmp_path / 'missing.json'}: file not found"

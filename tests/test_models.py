@@ -107,6 +107,12 @@ def test_auto_dtype_on_the_cpu_is_bfloat16_only_with_bf16_kernels(monkeypatch, c
     assert pick_dtype(ModelConfig(device="cpu", dtype="bfloat16")) == torch.bfloat16
 
 
+def test_a_cpu_bf16_override_other_than_0_or_1_is_one_line(monkeypatch):
+    monkeypatch.setenv("RLHF_CPU_BF16", "yes")
+    with pytest.raises(UserError, match=r"^environment variable RLHF_CPU_BF16: expected 0 or 1, got 'yes'$"):
+        pick_dtype(ModelConfig(device="cpu"))
+
+
 def test_an_embedded_cache_with_a_gguf_quantization_entry_is_repaired(tmp_path):
     config = {"model_type": "llama", "hidden_size": 576, "quantization_config": {"quant_method": "gguf"}}
     (tmp_path / "config.json").write_text(json.dumps(config))
