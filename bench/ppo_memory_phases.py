@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from rlhf.chat_format import ChatFormat
 from rlhf.config import load_config
 from rlhf import memory
 from rlhf.models import load_causal_lm, load_tokenizer
@@ -31,20 +32,18 @@ def main(config_path: str, *overrides: str) -> None:
     peak("backbone")
     model, value_head, reward_head = ppo.build_actor_critic(backbone, run / "reward", config)
     trainable = [p for n, p in model.named_parameters() if ".policy." in n or ".value." in n]
-    roles = ppo.Roles(model.eval(), value_head, reward_head, trainable)
+    chat = ChatFormat.of(load_tokenizer(str(run / "sft" / "merged")), backbone)
+    roles = ppo.Roles(model.eval(), value_head, reward_head, trainable, chat)
     peak("adapters")
-    tokenizer = load_tokenizer(str(run / "sft" / "merged"))
-    prompts = ppo.load_prompts(run / "instructions" / "train.jsonl", tokenizer, config.ppo.rollout_batch_size, 0)
+    prompts = ppo.load_prompts(run / "instructions" / "train.jsonl", chat, config.ppo.rollout_batch_size, 0)
     settings = config.ppo
-    rollout = ppo.generate_rollout(
-        roles, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-        top_p=settings.top_p, top_k=settings.top_k,
-    )
+    sampling = ppo.ppo_sampling(settings)
+    rollout = ppo.generate_rollout(roles, [p.ids for p in prompts], max_new_tokens=settings.max_new_tokens, sampling=sampling)
     logprobs = rollout["logprobs"]
     peak("rollout")
     with torch.no_grad():
         size = settings.micro_batch_size
-        ppo.in_micro_batches(lambda part: roles.reference_logprobs(part, settings.temperature), rollout, size)
+        ppo.in_micro_batches(lambda part: roles.reference_logprobs(part, sampling), rollout, size)
         values = ppo.in_micro_batches(roles.values, rollout, size)
         ppo.in_micro_batches(roles.scores, rollout, size)
     peak("scoring")

@@ -223,13 +223,13 @@ def child_ours(args, work: Path) -> dict:
             marks.append((time.time(), time.process_time()))
         return rollout(*a, **k)
 
-    class TimedMetricsFile(ppo.MetricsFile):  # the stage writes one metrics line at the end of each step
+    class TimedHistory(ppo.StageHistory):  # the stage writes one metrics line at the end of each step
         def write(self, record):
             marks.append((time.time(), time.process_time()))
             super().write(record)
 
     ppo.generate_rollout = first_rollout_marked
-    ppo.MetricsFile = TimedMetricsFile
+    ppo.StageHistory = TimedHistory
     config = load_config(work / "ours.yaml")
     run_dir = Path(config.output_dir)
     shutil.rmtree(run_dir, ignore_errors=True)

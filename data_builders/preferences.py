@@ -169,6 +169,9 @@ def pair_row(best: Candidate, worst: Candidate, best_score: float, worst_score: 
         "rejected": [{"role": "assistant", "content": worst.response}],
         "score_chosen": round(best_score, 4),
         "score_rejected": round(worst_score, 4),
+        # A response cut at max_new_tokens is an unfinished turn: the reward model sees it without an end of turn.
+        "chosen_finished": best.finished,
+        "rejected_finished": worst.finished,
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -80,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        from rlhf.preemption import Preempted
+
+        print(e if isinstance(e, Preempted) else f"error: {e}", file=sys.stderr)
         return getattr(e, "exit_status", 2)  # 2 for the user's errors; a failed launched stage sets 1
     except KeyboardInterrupt:
         print("interrupted: published outputs are unchanged", file=sys.stderr)
@@ -199,33 +202,24 @@ def cmd_plot(args) -> int:
 
 def cmd_chat(args) -> int:
     model, tokenizer, what = load_chat_model(Path(args.run_dir), args.stage)
-    import torch
+    from rlhf.generation import generate_chat
 
-    torch.manual_seed(args.seed)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"{what}. One prompt per line (each answered on its own); Ctrl-D ends.")
-    sampling = args.temperature > 0
-    decoding = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0) if sampling else dict(do_sample=False)
-    while True:
+    for turn in itertools.count():
         try:
             prompt = input("> " if interactive else "").strip()
         except EOFError:
             return 0
         if not prompt:
             continue
-        inputs = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(model.device)
-        with torch.no_grad():
-            output = model.generate(
-                **inputs,
-                max_new_tokens=args.max_new_tokens,
-                **decoding,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip(), flush=True)
+        # The pipeline's own sampling (our settings only, every EOS id): what evaluate measured.
+        reply = generate_chat(
+            model, tokenizer, [[{"role": "user", "content": prompt}]], max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed + turn, description=None,
+        )[0]
+        print(reply.text, flush=True)
 
 
 def load_chat_model(run_dir: Path, stage: str):

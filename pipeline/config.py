@@ -19,6 +19,12 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-random-llama"
 
 
+BOOKKEEPING = {"bookkeeping": True}
+"""Marks a key that changes how a stage logs or checkpoints, not what it computes: left out of the
+fingerprint of a stage that reads its whole section (rlhf.runner.stage_parts), so that editing it after a
+crash resumes the stage instead of retraining it."""
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -108,8 +114,8 @@ class TrainingSection(Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     lr_scheduler: str = "cosine"
     weight_decay: float = Field(0.0, ge=0)
-    logging_steps: int = Field(5, gt=0)
-    save_steps: int = Field(50, gt=0)
+    logging_steps: int = Field(5, gt=0, json_schema_extra=BOOKKEEPING)
+    save_steps: int = Field(50, gt=0, json_schema_extra=BOOKKEEPING)
     gradient_checkpointing: bool = False
 
 
@@ -161,6 +167,12 @@ class PPOConfig(Section):
     ppo_epochs: int = Field(2, gt=0)
     learning_rate: float = Field(5e-5, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW's decoupled decay. 0: decay pulls the policy adapter toward zero, i.e. toward the reference, a
+    second KL-like pull that no metric shows, and shrinks the value head (torch's default is 0.01)."""
+    adam_epsilon: float = Field(1e-5, gt=0)
+    """1e-5 as in OpenAI's lm-human-preferences and the PPO implementation studies (torch's default is 1e-8):
+    it bounds the step of parameters whose gradients are tiny, as LoRA B matrices at step 0 are."""
     # Sampling.
     max_new_tokens: int = Field(64, gt=0)
     temperature: float = Field(1.0, gt=0)
@@ -173,7 +185,7 @@ class PPOConfig(Section):
     target_kl: float | None = Field(None, gt=0)
     """Adaptive KL (Ziegler et al. 2019): steer kl_coef so the per-sequence KL approaches this."""
     kl_horizon: int = Field(10000, gt=0)
-    kl_budget: float = Field(8.0, gt=0)
+    kl_budget: float = Field(8.0, gt=0, json_schema_extra=BOOKKEEPING)
     """The per-sequence KL the run is expected to stay under (checked in tests and evaluation)."""
     score_clip: float | None = Field(None, gt=0)
     whiten_rewards: bool = False
@@ -184,9 +196,9 @@ class PPOConfig(Section):
     clip_range_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
     # Bookkeeping.
-    sample_every: int = Field(5, gt=0)
+    sample_every: int = Field(5, gt=0, json_schema_extra=BOOKKEEPING)
     """Log a table of prompts, responses and scores every N steps."""
-    save_every: int = Field(10, gt=0)
+    save_every: int = Field(10, gt=0, json_schema_extra=BOOKKEEPING)
     """Checkpoint every N steps, so a killed run resumes where it stopped."""
     # Memory.
     gradient_checkpointing: bool = False
@@ -357,6 +369,24 @@ def get_key(config: PipelineConfig, key: str) -> Any:
     for part in key.split("."):
         value = getattr(value, part)
     return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def fingerprint_value(config: PipelineConfig, key: str) -> Any:
+    """`get_key`, less the bookkeeping keys of the sections it returns (a key named itself is kept)."""
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return _without_bookkeeping(value) if isinstance(value, BaseModel) else get_key(config, key)
+
+
+def _without_bookkeeping(section: BaseModel) -> dict:
+    dumped = section.model_dump(mode="json")
+    kept = {}
+    for name, field in type(section).model_fields.items():
+        if not (field.json_schema_extra or {}).get("bookkeeping"):
+            value = getattr(section, name)
+            kept[name] = _without_bookkeeping(value) if isinstance(value, BaseModel) else dumped[name]
+    return kept
 
 
 def to_yaml(config: PipelineConfig) -> str:

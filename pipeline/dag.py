@@ -41,6 +41,7 @@ STAGES: list[Stage] = [
         reads=("seed", "model", "lora", "sft", "launch.num_processes"),
         upstream=("instructions",),
         outputs=("adapter", "merged", "metrics.jsonl"),
+        checkpoints=True,
         launch="trainer",
     ),
     Stage(
@@ -57,6 +58,7 @@ STAGES: list[Stage] = [
         reads=("seed", "model", "lora", "reward", "launch.num_processes"),
         upstream=("preferences", "sft"),
         outputs=("metrics.jsonl",),  # plus adapter/, score_head.safetensors, model/ (or external.json)
+        checkpoints=True,
         launch="trainer",
     ),
     Stage(
@@ -65,6 +67,7 @@ STAGES: list[Stage] = [
         reads=("seed", "model", "lora", "ppo", "launch.num_processes"),
         upstream=("instructions", "sft", "reward"),
         outputs=("policy", "value", "metrics.jsonl", "samples.jsonl"),
+        checkpoints=True,
         launch="data-parallel",
     ),
     Stage(

@@ -1,12 +1,24 @@
-"""Batched, seeded chat generation with a local model: used by the teacher, judges and evaluation."""
+"""Sampling with a local model: what the teacher, the judges, ppo and evaluate generate with.
+
+Everything sampled here comes from a distribution the code can name and score again:
+- `Sampling` holds our keys (temperature, top-p, top-k) and nothing else. The model's own
+  generation_config.json (Qwen2.5 ships repetition_penalty 1.05, others no_repeat_ngram_size, bad words,
+  min_new_tokens) is set aside while we generate, so none of its processors reshapes the distribution.
+- `sampling_scores` is that distribution's logits: the ppo stage computes its old, new and reference
+  log-probs with the same function.
+- Generation stops at every EOS id of the model (rlhf.chat_format.ChatFormat.eos_ids).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+
+from rlhf.chat_format import ChatFormat
 
 Conversation = list[dict[str, str]]
 
@@ -15,20 +27,60 @@ Conversation = list[dict[str, str]]
 class Generation:
     text: str
     finished: bool
-    """False when it stopped at max_new_tokens before the end-of-sequence token."""
+    """False when it stopped at max_new_tokens before an end-of-sequence token."""
 
 
-class SampleByInverseCdf(LogitsProcessor):
-    """Draws the next token from softmax(scores) itself and hands generate() a score row that is 0 at
-    that token and -inf elsewhere, for generate's greedy step to take.
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn. temperature 0: greedy; top_k 0 and top_p 1: no truncation."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def truncated(self) -> bool:
+        """Whether tokens come from a truncated (top-k / top-p) distribution rather than the full one."""
+        return not self.greedy and (self.top_p < 1 or self.top_k > 0)
+
+
+def sampling_scores(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """[..., V] model logits -> [..., V] float32 logits of the distribution tokens are drawn from:
+    logits / temperature, then -inf outside the top-k and outside the top-p nucleus, in the order
+    transformers applies them (its own warpers do the cutting). Greedy: the logits themselves, whose
+    argmax is the greedy token and whose softmax is the model's distribution."""
+    scores = logits.float()
+    if sampling.greedy:
+        return scores
+    scores = scores / sampling.temperature
+    if not sampling.truncated:
+        return scores
+    flat = scores.reshape(-1, scores.shape[-1])
+    if sampling.top_k:
+        flat = TopKLogitsWarper(sampling.top_k)(None, flat)
+    if sampling.top_p < 1:
+        flat = TopPLogitsWarper(sampling.top_p)(None, flat)
+    return flat.reshape(scores.shape)
+
+
+class SampleFrom(LogitsProcessor):
+    """Draws the next token from softmax(sampling_scores(logits)) and hands generate() a score row that is 0
+    at that token and -inf elsewhere, for generate's greedy step to take.
 
     Why not generate's own sampling: torch.multinomial draws one exponential variate per vocabulary
     entry, 19 ms per step for 16 rows of SmolLM2's 49k vocabulary on a 2-core CPU (a tenth of a
     decode step); inverse-CDF sampling needs one uniform per row (0.5 ms). Same distribution: the
     token is the first whose cumulative probability exceeds a uniform draw (float64 sums)."""
 
+    def __init__(self, sampling: Sampling):
+        self.sampling = sampling
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        cdf = torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)
+        cdf = torch.softmax(sampling_scores(scores, self.sampling).double(), dim=-1).cumsum(dim=-1)
         if not torch.isfinite(cdf[:, -1]).all():  # as torch.multinomial refuses them
             raise ValueError("sampling: the next-token scores of a row are nan or all -inf")
         draw = torch.rand(scores.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
@@ -36,19 +88,45 @@ class SampleByInverseCdf(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
 
 
-def decoding(temperature: float, top_p: float = 1.0, top_k: int = 0, first: tuple = ()) -> dict:
-    """generate() arguments: greedy at temperature 0, else sampling at `temperature` with top-k (0: off)
-    and top-p (1: off), in the order transformers applies them. The model's own generation config
-    (SmolLM2's asks for top_k=50) is overridden, not merged. `first`: logits processors to run before."""
-    processors = list(first)
-    if temperature > 0:
-        processors.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            processors.append(TopKLogitsWarper(top_k))
-        if top_p < 1:
-            processors.append(TopPLogitsWarper(top_p))
-        processors.append(SampleByInverseCdf())
-    return dict(do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=LogitsProcessorList(processors))
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id prompts -> ([B, W] ids left-padded to the longest, [B, W] attention mask)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+def generate(model, chat: ChatFormat, input_ids, attention_mask, sampling: Sampling, max_new_tokens: int,
+             first: tuple = (), with_logits: bool = False):
+    """model.generate with our settings alone, stopping at every EOS id. `first`: logits processors to run
+    before sampling. with_logits: also return the raw logits of every step (the model's own, before any
+    processor), as `output.logits`; otherwise the [B, W + T] sequences."""
+    processors = LogitsProcessorList([*first, *([] if sampling.greedy else [SampleFrom(sampling)])])
+    config = GenerationConfig(
+        do_sample=False,  # SampleFrom has already chosen the token: generate takes the argmax
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(chat.eos_ids),
+        pad_token_id=chat.tokenizer.pad_token_id,
+        output_logits=with_logits,
+        return_dict_in_generate=with_logits,
+    )
+    with only_our_generation_config(model):
+        return model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors
+        )
+
+
+@contextlib.contextmanager
+def only_our_generation_config(model):
+    """Sets the model's generation_config.json aside: transformers fills every key we leave unset from it
+    (repetition_penalty, no_repeat_ngram_size, bad_words_ids, suppress_tokens, min_length, ...)."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's transformers model
+    saved = target.generation_config
+    target.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        target.generation_config = saved
 
 
 @torch.no_grad()
@@ -63,48 +141,36 @@ def generate_chat(
     top_k: int = 0,
     batch_size: int = 8,
     seed: int = 0,
-    description: str = "generating",
+    description: str | None = "generating",
 ) -> list[Generation]:
     """The assistant's reply to each conversation, in order.
 
     Prompts are sorted by length so each left-padded batch wastes little, and the sampler is
     reseeded per batch so a result depends only on (seed, prompts, settings), not on earlier calls.
+    `description` labels the progress bar; None shows none.
     """
-    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    chat = ChatFormat.of(tokenizer, model)
+    sampling = Sampling(temperature, top_p, top_k)
+    prompts = [chat.prompt_ids(c) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[Generation] = [Generation("", False)] * len(prompts)
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     device = next(model.parameters()).device
-    try:
-        with tqdm(total=len(prompts), desc=description, unit="reply") as progress:
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                inputs = tokenizer(
-                    [prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
-                ).to(device)
-                torch.manual_seed(seed + start)
-                output = model.generate(
-                    **inputs,
-                    max_new_tokens=max_new_tokens,
-                    **decoding(temperature, top_p, top_k),
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-                new_tokens = output[:, inputs["input_ids"].shape[1] :]
-                finished = (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
-                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                for i, text, done in zip(batch, texts, finished):
-                    replies[i] = Generation(text.strip(), done)
-                progress.update(len(batch))
-    finally:
-        tokenizer.padding_side = padding_side
+    eos = torch.tensor(chat.eos_ids, device=device)
+    with tqdm(total=len(prompts), desc=description, unit="reply", disable=description is None) as progress:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            input_ids, attention_mask = left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, device)
+            torch.manual_seed(seed + start)
+            output = generate(model, chat, input_ids, attention_mask, sampling, max_new_tokens)
+            for i, tokens in zip(batch, output[:, input_ids.shape[1] :]):
+                ends = torch.isin(tokens, eos).nonzero()
+                cut = tokens[: ends[0, 0]] if len(ends) else tokens
+                replies[i] = Generation(tokenizer.decode(cut, skip_special_tokens=True).strip(), bool(len(ends)))
+            progress.update(len(batch))
     return replies
 
 
 def prompt_lengths(tokenizer, conversations: list[Conversation]) -> list[int]:
     """Tokens of each conversation as a prompt (chat template and generation prompt), as generation sees it."""
-    return [
-        len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-        for c in conversations
-    ]
+    chat = ChatFormat.of(tokenizer)
+    return [len(chat.prompt_ids(c)) for c in conversations]

@@ -27,6 +27,7 @@ import yaml
 
 from rlhf.config import PipelineConfig
 from rlhf.errors import UserError
+from rlhf.preemption import Preempted, StopOnSigterm
 
 LAUNCHED_BY = "RLHF_LAUNCHED_BY"
 """Set in a launched child's environment to "<pid>@<host>" of the `rlhf run` that holds the run lock."""
@@ -119,11 +120,12 @@ def run_launched(stage, command: list[str], echo) -> None:
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
     tail: collections.deque[bytes] = collections.deque(maxlen=256)  # last chunks of stderr
     try:
-        while chunk := process.stderr.read1(1 << 16):
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.buffer.flush()
-            tail.append(chunk)
-        status = process.wait()
+        with StopOnSigterm():  # a SIGTERM reaches the children too: wait for them to save and stop
+            while chunk := process.stderr.read1(1 << 16):
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+                tail.append(chunk)
+            status = process.wait()
     except BaseException:  # Ctrl-C reaches the children too; do not leave them behind
         process.terminate()
         process.wait(timeout=60)
@@ -138,6 +140,9 @@ _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exi
 def _failure(stage: str, status: int, stderr: str) -> UserError:
     """The one-line error for a failed child, from the last error its processes printed."""
     lines = [line.strip() for line in stderr.splitlines()]
+    stopped = [line for line in lines if ": stopped by SIGTERM after step " in line]
+    if stopped:  # a preempted child saved its checkpoint: say where, with the same exit status
+        return Preempted(stopped[-1])
     user_errors = [line[len("error: ") :] for line in lines if line.startswith("error: ")]
     if user_errors:  # our CLI's one-line message for a user error in the child: pass it on as such
         return UserError(f"{stage} (launched): {user_errors[-1]}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf.chat_format import safe_pad_token
 from rlhf.config import EMBEDDED_MODEL, TINY_MODEL, LoraConfig, ModelConfig
 from rlhf.errors import UserError
 
@@ -238,17 +239,24 @@ def cpu_has_bf16_kernels() -> bool:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The model's tokenizer with a pad token and a chat template (ChatML when it has none)."""
+    """The model's tokenizer with a chat template (ChatML when it has none) and a pad token that a reward
+    model never mistakes for the end of a reply (rlhf.chat_format.safe_pad_token)."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"model '{path}': cannot load its tokenizer: {_first_line(e)}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHATML_TEMPLATE
+    pad = safe_pad_token(tokenizer)
+    if pad is None:
+        raise UserError(
+            f"model '{path}': its pad token would be read as the end of a finished reply (the last token of its "
+            "end of turn) and its vocabulary has no unused special token to pad with: set a pad_token in its "
+            "tokenizer_config.json"
+        )
+    tokenizer.pad_token = pad
     return tokenizer
 
 

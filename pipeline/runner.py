@@ -1,7 +1,7 @@
 """The DAG runner: decide which stages are stale, run them in order, publish their outputs atomically.
 
-A stage's fingerprint hashes its code (its module and the rlhf modules it imports), the config keys it reads, the
-content of its input files and its upstream stages' fingerprints. A stage is up to date when its
+A stage's fingerprint hashes its code (its module and the rlhf modules it imports), the config keys it reads
+(less bookkeeping keys, rlhf.config.BOOKKEEPING), the content of its input files and its upstream stages' fingerprints. A stage is up to date when its
 published `manifest.json` carries the fingerprint it would have now.
 
 Publishing: a stage writes into `<output_dir>/.tmp/<stage>.<pid>/`; when it returns, the runner
@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import launch
-from rlhf.config import PipelineConfig, get_key, to_yaml
+from rlhf.config import PipelineConfig, fingerprint_value, to_yaml
 from rlhf.errors import UserError
+from rlhf.preemption import StopOnSigterm
 
 MANIFEST = "manifest.json"
 
@@ -48,6 +49,9 @@ class Stage:
     file_inputs: Callable[[PipelineConfig], list[Path]] = lambda config: []
     outputs: tuple[str, ...] = ()
     """Files and folders it publishes, relative to its output folder."""
+    checkpoints: bool = False
+    """Whether it trains with checkpoints: SIGTERM then stops it at the next step boundary with a checkpoint
+    saved (rlhf.preemption), instead of killing it."""
     launch: str | None = None
     """How it runs when `launch.num_processes` > 1 or `launch.accelerate_config` is set (rlhf.launch):
     "trainer" (a Hugging Face Trainer: DDP or DeepSpeed as the accelerate config says), "data-parallel"
@@ -68,6 +72,8 @@ class StageContext:
     inputs: dict[str, Path] = field(default_factory=dict)
     """Upstream stage name → its published folder."""
     fingerprint: str = ""
+    sigterm: StopOnSigterm = field(default_factory=StopOnSigterm)
+    """Asked at each step boundary of a stage that `checkpoints`; never set for the others."""
 
 
 @dataclass
@@ -151,7 +157,7 @@ def file_hash(path: Path) -> str:
 def stage_parts(stage: Stage, config: PipelineConfig, upstream_fps: dict[str, str]) -> dict[str, Any]:
     return {
         "code": code_hash(stage.module),
-        "config": {key: get_key(config, key) for key in stage.reads},
+        "config": {key: fingerprint_value(config, key) for key in stage.reads},
         "files": {str(p): file_hash(p) for p in stage.file_inputs(config)},
         "upstream": dict(upstream_fps),
     }
@@ -376,7 +382,8 @@ def _run_stage(stage: Stage, config: PipelineConfig, parts: dict, run_dir: Path,
         release_freed_memory()  # an earlier stage in this process may have left freed pages resident
         reset_peak_memory()
         start_mb = current_memory_mb()
-        metrics = module.run(ctx) or {}
+        with ctx.sigterm if stage.checkpoints else contextlib.nullcontext():
+            metrics = module.run(ctx) or {}
         memory = stage_memory(start_mb)
         missing = [o for o in stage.outputs if not (out_dir / o).exists()] if process_rank() == 0 else []
         if missing:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -71,3 +72,35 @@ class MetricsFileCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero:
             self.metrics.write({"step": state.global_step, "epoch": state.epoch, **logs})
+
+
+class StageHistory:
+    """A training stage's per-step JSONL files (metrics.jsonl, ...), kept in its work folder, which outlives
+    a failed or stopped attempt, and published with the stage: a resumed run publishes every step, not
+    only those after the resume. Records of steps after the checkpoint a run resumes from are dropped
+    when it starts: those steps run again."""
+
+    def __init__(self, work_dir: Path, resumed_after: int, files: tuple[str, ...] = ("metrics.jsonl",)):
+        self.dir, self.files = work_dir / "history", files
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            path = self.dir / name
+            lines = path.read_text().splitlines() if path.exists() else []
+            path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= resumed_after))
+        self.metrics = MetricsFile(self.dir / files[0])
+
+    def write(self, record: dict) -> None:
+        """One record of the first file (metrics.jsonl)."""
+        self.metrics.write(record)
+
+    def append(self, name: str, rows: list[dict]) -> None:
+        with (self.dir / name).open("a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def records(self, name: str | None = None) -> list[dict]:
+        return [json.loads(line) for line in (self.dir / (name or self.files[0])).read_text().splitlines()]
+
+    def publish(self, out_dir: Path) -> None:
+        for name in self.files:
+            shutil.copyfile(self.dir / name, out_dir / name)

@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 from rlhf.config import PipelineConfig, TrainingSection
 from rlhf.errors import UserError
 from rlhf.models import load_tokenizer, pick_device, pick_dtype
+from rlhf.preemption import preempted
 
 
 def trainer_arguments(section: TrainingSection, config: PipelineConfig, checkpoints: Path, stage: str, wandb_on: bool) -> dict:
@@ -50,6 +51,30 @@ class MarkCheckpointComplete(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             (folder / "COMPLETE").write_text(str(state.global_step))
+
+
+class SaveAndStopOnSigterm(TrainerCallback):
+    """After the step during which SIGTERM came (on any process), the Trainer saves a checkpoint and stops;
+    the stage then raises rlhf.preemption.Preempted naming it (`stop_if_preempted`)."""
+
+    def __init__(self, sigterm):
+        self.sigterm, self.stopped_at = sigterm, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.sigterm.requested():
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+
+def stop_if_preempted(stop: SaveAndStopOnSigterm, stage: str, checkpoints: Path) -> None:
+    if stop.stopped_at is not None:
+        raise preempted(stage, stop.stopped_at, checkpoints / f"checkpoint-{stop.stopped_at}")
+
+
+def resumed_step(checkpoint: str | None) -> int:
+    """The step a Trainer checkpoint folder (`checkpoint-N`) was saved at; 0 for none."""
+    return int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
 
 
 class NonFiniteTraining(UserError, FloatingPointError):

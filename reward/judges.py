@@ -1,7 +1,8 @@
 """Judges that decide which of a model's responses is better, for building preference pairs.
 
 - `RubricJudge`: the deterministic rubric (reward/rubric.py), the pipeline's gold reward.
-- `RewardModelJudge`: an existing sequence-classification reward model.
+- `RewardModelJudge`: an existing sequence-classification reward model, read as every reward model is
+  (rlhf.reward.readout).
 - `LLMJudge`: a teacher model asked for a pairwise verdict, in both orders to cancel position bias.
 The first two score each response; the LLM judge compares two.
 """
@@ -11,8 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-
+from rlhf.reward.readout import RewardModel
 from rlhf.reward.rubric import score_response
 
 Conversation = list[dict[str, str]]
@@ -38,36 +38,19 @@ class RubricJudge:
 
 
 class RewardModelJudge:
-    """Scores with a reward model that has its own tokenizer (texts are re-tokenized with it)."""
+    """Scores with a reward model that has its own tokenizer and template (rlhf.reward.readout)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 8):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, reward_model: RewardModel):
+        self.reward_model = reward_model
 
     @classmethod
     def load(cls, name_or_path: str, model_config, batch_size: int = 8) -> RewardModelJudge:
-        from rlhf.models import load_reward_model, load_tokenizer, resolve_model
-
-        path = resolve_model(name_or_path, "preferences.judge_model")
-        tokenizer = load_tokenizer(path, model_config.trust_remote_code)
-        return cls(load_reward_model(path, model_config, tokenizer), tokenizer, batch_size)
+        return cls(RewardModel.load(name_or_path, model_config, "preferences.judge_model", batch_size))
 
     def scores(self, candidates: list[Candidate]) -> list[float]:
-        conversations = [[*c.prompt, {"role": "assistant", "content": c.response}] for c in candidates]
-        return score_conversations(self.model, self.tokenizer, conversations, self.batch_size)
-
-
-@torch.no_grad()
-def score_conversations(model, tokenizer, conversations: list[Conversation], batch_size: int = 8) -> list[float]:
-    """A reward model's scalar score for each whole conversation."""
-    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-    device = next(model.parameters()).device
-    scores: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        inputs = tokenizer(
-            texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, add_special_tokens=False
-        ).to(device)
-        scores += model(**inputs).logits[:, 0].float().tolist()
-    return scores
+        return self.reward_model.scores(
+            [c.prompt for c in candidates], [c.response for c in candidates], [c.finished for c in candidates]
+        )
 
 
 JUDGE_PROMPT = """Which response follows the instruction better? Consider correctness, helpfulness and completeness.

@@ -3,14 +3,15 @@
 Both models answer the instruction dataset's eval split (never trained on) `samples_per_prompt`
 times per prompt, with the same decoding settings and seed. They are one resident backbone, as in
 the ppo stage: the merged SFT model with the PPO policy adapter switched on (PPO) or all adapters
-disabled (SFT), plus the reward adapter and score head (the proxy reward, computed exactly as PPO's
-`Roles.scores`). For each model it measures, averaged over every response:
+disabled (SFT), plus the reward adapter and score head (the proxy reward, read exactly as PPO's
+`Roles.scores` reads it, rlhf.reward.readout). For each model it measures, averaged over every response:
 - proxy reward: the learned reward model's score (or the external reward model's, when the reward
   stage used one);
 - gold reward: the rubric judge with the eval split's reference answer, or a teacher's pairwise
   verdicts with `evaluate.judge: llm`;
-- KL to SFT: per response, the sum over its tokens of log π_ppo − log π_sft on the model's own
-  samples (0 for SFT), at the sampling temperature, the quantity ppo.kl_budget bounds;
+- KL to SFT: per response, the sum over its tokens of log π_model − log π_sft on the model's own
+  samples, at the sampling temperature, as ppo measures it (the quantity ppo.kl_budget bounds): 0 for
+  SFT, unless top_p < 1 truncates what it samples from (rlhf.stages.ppo's docstring);
 - response length in tokens and the fraction of responses that ended with EOS.
 Then PPO's win rate over SFT under the gold judge, prompt by prompt on each prompt's mean gold score
 (ties counted apart), and a reward-hacking flag (proxy up, gold down). Optionally lm-evaluation-harness
@@ -26,21 +27,23 @@ import json
 from pathlib import Path
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, set_peft_model_state_dict
+from peft import PeftModel
 from rich.console import Console
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
+
+from rlhf.chat_format import ChatFormat
 
 from rlhf.data_builders.instructions import read_conversations
 from rlhf.data_builders.teacher import build_teacher
 from rlhf.errors import UserError
+from rlhf.generation import Sampling
 from rlhf.models import load_causal_lm, load_tokenizer, pick_device, pick_dtype
 from rlhf.plots import draw_plots
 from rlhf.report import MODELS, markdown_report, reward_hacking, summary_table, verdict_scores, win_rate
-from rlhf.reward.judges import Candidate, LLMJudge, RewardModelJudge, RubricJudge
+from rlhf.reward.judges import Candidate, LLMJudge, RubricJudge
+from rlhf.reward.readout import RewardModel
 from rlhf.runner import StageContext, process_rank
-from rlhf.stages.ppo import Roles, generate_rollout
+from rlhf.stages.ppo import Roles, attach_reward_adapter, decode_responses, generate_rollout, read_external_reward_model
 from rlhf.tracking import start_wandb
 
 console = Console(highlight=False, soft_wrap=True)
@@ -56,27 +59,25 @@ def run(ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(backbone_dir, config.model.trust_remote_code)
     tokenizer.padding_side = "left"
     backbone = load_causal_lm(backbone_dir, config.model)
+    chat = ChatFormat.of(tokenizer, backbone)
     model = PeftModel.from_pretrained(backbone, ctx.inputs["ppo"] / "policy", adapter_name="policy")
     external = read_external_reward_model(ctx.inputs["reward"])
     reward_head = None if external else attach_reward_adapter(model, ctx.inputs["reward"])
     model.eval()
-    roles = Roles(model, None, reward_head, [])
-    prompts = [
-        list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-        for prompt, _ in examples
-    ]
+    roles = Roles(model, None, reward_head, [], chat)
+    prompts = [chat.prompt_ids(prompt) for prompt, _ in examples]
     # Each prompt's responses sit next to each other: response r answers prompt r // samples_per_prompt.
     k = settings.samples_per_prompt
     rows = [prompt for prompt in prompts for _ in range(k)]
     row_examples = [example for example in examples for _ in range(k)]
-    logprob_temperature = settings.temperature or 1.0  # greedy: the models' own distributions
+    sampling = Sampling(settings.temperature, settings.top_p)
     console.print(
         f"evaluate: {len(examples)} held-out prompts × {k} responses, SFT vs PPO (temperature {settings.temperature:g}, "
         f"top_p {settings.top_p:g}, max_new_tokens {settings.max_new_tokens}, seed {config.seed})"
     )
 
     # 2. Generate with both models, batch by batch with the same seed, and measure what needs the
-    #    backbone: token counts, EOS, the KL of PPO's samples to SFT, and the proxy reward.
+    #    backbone: token counts, EOS, the KL of each model's samples to SFT, and the proxy reward.
     measured: dict[str, dict[str, list]] = {m: {"text": [], "length": [], "finished": [], "kl": [], "proxy": []} for m in MODELS}
     nonfinite = 0
     with tqdm(total=2 * len(rows), desc="evaluate: generating", unit="response") as progress:
@@ -85,20 +86,20 @@ def run(ctx: StageContext) -> dict:
             for name in MODELS:
                 torch.manual_seed(config.seed + start)  # the same seed for both models
                 rollout = generate_rollout(
-                    roles, tokenizer, batch, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                    top_p=settings.top_p, adapter="policy" if name == "ppo" else None,
+                    roles, batch, max_new_tokens=settings.max_new_tokens, sampling=sampling,
+                    adapter="policy" if name == "ppo" else None,
                 )
                 nonfinite += rollout["repaired"]
                 mask = rollout["mask"]
                 with torch.no_grad():
-                    if name == "ppo":
-                        ref_logprobs = roles.reference_logprobs(rollout, logprob_temperature)
+                    if name == "ppo" or sampling.truncated:  # the KL ppo.kl_budget bounds, as ppo measures it
+                        ref_logprobs = roles.reference_logprobs(rollout, sampling)
                         kl = ((rollout["logprobs"] - ref_logprobs) * mask).sum(1).tolist()
                     else:
-                        kl = [0.0] * len(batch)  # SFT is the reference: log π_sft − log π_sft
+                        kl = [0.0] * len(batch)  # SFT sampled from its full distribution: log π_sft − log π_sft
                     proxy = roles.scores(rollout).tolist() if reward_head is not None else [None] * len(batch)
                 record = measured[name]
-                record["text"] += decode_responses(tokenizer, rollout)
+                record["text"] += decode_responses(chat, rollout)
                 record["length"] += mask.sum(1).long().tolist()
                 record["finished"] += rollout["finished"].tolist()
                 record["kl"] += kl
@@ -115,10 +116,12 @@ def run(ctx: StageContext) -> dict:
         for name in MODELS
     }
     if external:
-        judge = RewardModelJudge.load(external, config.model, settings.batch_size)
+        reward_model = RewardModel.load(external, config.model, "reward.model", settings.batch_size)
         for name in MODELS:
-            measured[name]["proxy"] = judge.scores(candidates[name])
-        del judge
+            measured[name]["proxy"] = reward_model.scores(
+                [prompt for prompt, _ in row_examples], measured[name]["text"], measured[name]["finished"]
+            )
+        del reward_model
 
     # 4. Gold reward: the rubric with the reference answer, or a teacher's pairwise verdicts.
     if settings.judge == "rubric":
@@ -182,42 +185,7 @@ def load_eval_examples(path: Path, count: int) -> list[tuple[list[dict], str]]:
     return examples
 
 
-def read_external_reward_model(reward_dir: Path) -> str | None:
-    """The reward model the reward stage used as is (its `external.json`), or None when it trained one."""
-    path = reward_dir / "external.json"
-    return json.loads(path.read_text())["model"] if path.is_file() else None
-
-
-def attach_reward_adapter(model, reward_dir: Path) -> torch.nn.Linear:
-    """Add the reward stage's LoRA as the `reward` adapter; return its score head (as the ppo stage does)."""
-    saved = PeftLoraConfig.from_pretrained(reward_dir / "adapter")
-    lora = PeftLoraConfig(
-        r=saved.r, lora_alpha=saved.lora_alpha, lora_dropout=0.0, target_modules=saved.target_modules, task_type="CAUSAL_LM"
-    )
-    weights = load_file(reward_dir / "adapter" / "adapter_model.safetensors")
-    score_weight = weights.pop("base_model.model.score.weight")
-    model.add_adapter("reward", lora)
-    result = set_peft_model_state_dict(model, weights, adapter_name="reward")
-    if result.unexpected_keys:
-        raise RuntimeError(f"reward adapter does not fit the backbone: {result.unexpected_keys[:3]}")
-    device = next(model.parameters()).device
-    head = torch.nn.Linear(score_weight.shape[1], 1, bias=False).to(device)
-    with torch.no_grad():
-        head.weight.copy_(score_weight)
-    return head.requires_grad_(False)
-
-
 # --- generation ---------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def decode_responses(tokenizer, rollout: dict) -> list[str]:
-    context = rollout["context_length"]
-    lengths = rollout["mask"].sum(1).long().tolist()
-    return [
-        tokenizer.decode(rollout["input_ids"][i, context : context + n], skip_special_tokens=True).strip()
-        for i, n in enumerate(lengths)
-    ]
 
 
 # --- aggregation and outputs --------------------------------------------------------------------

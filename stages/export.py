@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from rich.console import Console
+from transformers import GenerationConfig
 
+from rlhf.chat_format import ChatFormat
 from rlhf.config import EMBEDDED_MODEL
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.report import summary_table
@@ -80,19 +82,21 @@ def run(ctx: StageContext) -> dict:
 
 
 def set_generation_config(model, tokenizer, decoding: dict) -> None:
-    """The decoding the evaluate stage measured becomes the model's default; EOS and pad from the tokenizer."""
-    generation = model.generation_config
-    generation.eos_token_id = tokenizer.eos_token_id
-    generation.pad_token_id = tokenizer.pad_token_id
-    generation.max_new_tokens = decoding["max_new_tokens"]
-    if decoding["temperature"] > 0:
-        generation.do_sample = True
-        generation.temperature = decoding["temperature"]
-        generation.top_p = decoding["top_p"]
-        generation.top_k = 0  # as evaluated: no top-k cut
-    else:
-        generation.do_sample = False
-        generation.temperature = generation.top_p = generation.top_k = None
+    """The decoding the evaluate stage measured becomes the model's default, and nothing else: a fresh
+    config, so no processor of the base model's own (Qwen2.5's repetition_penalty, a top_k) is shipped as
+    if it had been evaluated. It stops at every EOS id the pipeline stopped at."""
+    chat = ChatFormat.of(tokenizer, model)
+    sampled = decoding["temperature"] > 0
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.generation_config.bos_token_id,
+        eos_token_id=list(chat.eos_ids),
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=decoding["max_new_tokens"],
+        do_sample=sampled,
+        temperature=decoding["temperature"] if sampled else None,
+        top_p=decoding["top_p"] if sampled else None,
+        top_k=0 if sampled else None,  # as evaluated: no top-k cut (transformers' default would be 50)
+    )
 
 
 # --- the model card -----------------------------------------------------------------------------

@@ -4,13 +4,29 @@ Model layout (what lets a 7B pipeline fit on one GPU): one copy of the merged SF
 LoRA adapters, and the four roles of RLHF are views of it:
 - policy: the trainable `policy` adapter (zero-initialised, so at step 0 it equals the reference);
 - reference: the backbone with adapters disabled, which is the SFT model (merged, never the pre-SFT base);
-- reward: the frozen `reward` adapter and score head from the reward stage;
-- value: the trainable `value` adapter and value head, initialised from the reward model.
+- reward: the frozen `reward` adapter and score head from the reward stage, read where the reward model
+  was trained to read (rlhf.reward.readout); or, when the reward stage used an external reward model,
+  that model, loaded beside the backbone with its own tokenizer and template;
+- value: the trainable `value` adapter and value head, initialised from the reward model (from zero with
+  an external reward model, whose weights do not fit this backbone).
 The loop follows InstructGPT / Ziegler et al. (2019) and "The N+ implementation details of RLHF with
 PPO" (Huang et al. 2024). Its math lives in ppo_math.py.
 
+What the log-probs describe: tokens are sampled with our settings alone (rlhf.generation: the model's
+generation_config.json is set aside) and every log-prob comes from the model's own logits (its forward,
+with Gemma 2's softcapping or Cohere's logit scale), through `sampling_scores`:
+- old and new log-probs are those of the distribution the tokens were drawn from: at the temperature,
+  and truncated to top-k / top-p when those are set (a token the updated policy no longer keeps has
+  probability 0, so its ratio is 0 and it carries no gradient);
+- the reference's log-probs are of the SFT model's full distribution at the same temperature, never
+  truncated: truncating it too would make the KL infinite for any token outside the reference's own
+  nucleus. With top_p < 1 or top_k > 0 the KL therefore includes −log(kept probability mass) per token
+  from step 1 on: that is the true KL of the sampled distribution to the SFT model.
+
 Outputs: `policy/` (the policy adapter), `value/` (value adapter and `value_head.safetensors`),
-`metrics.jsonl` (one line per step), `samples.jsonl` (prompts, responses and scores every N steps).
+`metrics.jsonl` (one line per step), `samples.jsonl` (prompts, responses and scores every N steps). Both
+files are kept beside the checkpoints while the stage runs, so a resumed run publishes every step.
+On SIGTERM the stage saves a checkpoint after the current step and exits (rlhf.preemption).
 """
 
 from __future__ import annotations
@@ -19,6 +35,7 @@ import contextlib
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,11 +47,14 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 from transformers import LogitsProcessor
 
+from rlhf.chat_format import ChatFormat
 from rlhf.data_builders.instructions import read_conversations
 from rlhf.errors import UserError
-from rlhf.generation import decoding
+from rlhf.generation import Sampling, generate, left_pad, sampling_scores
 from rlhf.memory import peak_memory_mb, release_freed_memory, reset_peak_memory
 from rlhf.models import enable_checkpointing_with_grad, load_causal_lm, load_tokenizer, peft_lora_config, pick_device
+from rlhf.preemption import preempted
+from rlhf.reward.readout import RewardModel, last_token_batch
 from rlhf.runner import StageContext
 from rlhf.stages.ppo_math import (
     clip_scores,
@@ -50,11 +70,19 @@ from rlhf.stages.ppo_math import (
     ppo_value_loss,
     truncate_after_eos,
 )
-from rlhf.tracking import MetricsFile, start_wandb
+from rlhf.tracking import StageHistory, start_wandb
 from rlhf.training import NonFiniteTraining
 
 console = Console(highlight=False, soft_wrap=True)
 TRAINABLE_ADAPTERS = ("policy", "value")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    messages: list[dict]
+    """The conversation up to the assistant's turn (what an external reward model renders itself)."""
+    ids: list[int]
+    """Its tokens, with the generation prompt (rlhf.chat_format.prompt_ids)."""
 
 
 def run(ctx: StageContext) -> dict:
@@ -63,27 +91,32 @@ def run(ctx: StageContext) -> dict:
     set_seed(config.seed)
     release_freed_memory()  # earlier stages in this process may have left freed pages resident
     reset_peak_memory()
+    sampling = ppo_sampling(settings)
 
-    # 1. Setup: one backbone with policy / value / reward adapters and their heads.
+    # 1. Setup: one backbone with policy / value / reward adapters and their heads (or an external
+    #    reward model beside it).
     backbone_dir = str(ctx.inputs["sft"] / "merged")
     tokenizer = load_tokenizer(backbone_dir, config.model.trust_remote_code)
     tokenizer.padding_side = "left"
     backbone = load_causal_lm(backbone_dir, config.model)
     if settings.gradient_checkpointing:  # the update keeps one layer's activations, not all of them
         enable_checkpointing_with_grad(backbone)
-    model, value_head, reward_head = build_actor_critic(backbone, ctx.inputs["reward"], config)
+    external = read_external_reward_model(ctx.inputs["reward"])
+    model, value_head, reward_head = build_actor_critic(backbone, ctx.inputs["reward"], config, external=external is not None)
+    reward_model = RewardModel.load(external, config.model, "reward.model", settings.micro_batch_size) if external else None
     model.eval()  # no dropout: the log-probs of the update must match those of the rollout
     trainable = [p for n, p in model.named_parameters() if any(f".{a}." in n for a in TRAINABLE_ADAPTERS)]
     trainable += list(value_head.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay, eps=settings.adam_epsilon)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / settings.steps)
     kl_ctl = kl_controller(settings.kl_coef, settings.target_kl, settings.kl_horizon)
+    chat = ChatFormat.of(tokenizer, backbone)
     prompt_counts: dict = {}  # prompts dropped for leaving no room for ppo.max_new_tokens in the context
     prompts = load_prompts(
-        ctx.inputs["instructions"] / "train.jsonl", tokenizer, settings.num_prompts, config.seed,
+        ctx.inputs["instructions"] / "train.jsonl", chat, settings.num_prompts, config.seed,
         backbone, settings.max_new_tokens, prompt_counts,
     )
-    roles = Roles(model, value_head, reward_head, trainable)
+    roles = Roles(model, value_head, reward_head, trainable, chat)
     rank = accelerator.process_index  # under `accelerate launch`, each process samples its own prompts
 
     checkpoints = ctx.work_dir / "checkpoints"
@@ -91,10 +124,8 @@ def run(ctx: StageContext) -> dict:
     if start_step:
         console.print(f"ppo: resuming after step {start_step} from {checkpoints}")
     wandb_run = start_wandb(config, "ppo", ctx.run_dir) if accelerator.is_main_process else None
-    metrics = MetricsFile(ctx.out_dir / "metrics.jsonl")
-    samples_file = ctx.out_dir / "samples.jsonl"
+    history = StageHistory(ctx.work_dir, start_step, ("metrics.jsonl", "samples.jsonl"))
     rng = random.Random(config.seed + 7919 * rank)
-    history: list[dict] = []
 
     for step in range(1, settings.steps + 1):
         batch = [prompts[i] for i in rng.sample(range(len(prompts)), min(settings.rollout_batch_size, len(prompts)))]
@@ -104,10 +135,7 @@ def run(ctx: StageContext) -> dict:
 
         # 2. Rollout: sample responses with the policy, cut after EOS, count repaired samples.
         started = time.time()
-        rollout = generate_rollout(
-            roles, tokenizer, batch, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-            top_p=settings.top_p, top_k=settings.top_k,
-        )
+        rollout = generate_rollout(roles, [p.ids for p in batch], max_new_tokens=settings.max_new_tokens, sampling=sampling)
         rollout_time = time.time() - started
 
         # 3. Score: reference log-probs, values and reward scores, one forward each, in micro-batches.
@@ -116,9 +144,9 @@ def run(ctx: StageContext) -> dict:
         logprobs = rollout["logprobs"]
         with torch.no_grad():
             size = settings.micro_batch_size
-            ref_logprobs = in_micro_batches(lambda part: roles.reference_logprobs(part, settings.temperature), rollout, size)
+            ref_logprobs = in_micro_batches(lambda part: roles.reference_logprobs(part, sampling), rollout, size)
             values = in_micro_batches(roles.values, rollout, size)
-            scores = in_micro_batches(roles.scores, rollout, size)
+            scores = score_rollout(roles, reward_model, batch, rollout, size)
         if settings.missing_eos_penalty is not None:
             scores = scores - settings.missing_eos_penalty * (~rollout["finished"]).float()
         scores = clip_scores(scores, settings.score_clip)
@@ -134,13 +162,16 @@ def run(ctx: StageContext) -> dict:
         scheduler.step()
         update_time = time.time() - started
 
-        # 5. Log: objective, KL (per sequence and per token), losses, lengths, timing, memory.
+        # 5. Log: objective, KL (per sequence and per token), losses, lengths, timing, memory. Every
+        #    process steers β with the KL averaged over all of them, so β stays the same everywhere.
         kl_per_sequence = (kl * mask).sum(1)
-        kl_ctl.update(kl_per_sequence.mean().item(), settings.rollout_batch_size)
+        kl_all_ranks = accelerator.reduce(kl_per_sequence.mean().detach(), reduction="mean").item()
+        kl_ctl.update(kl_all_ranks, settings.rollout_batch_size * accelerator.num_processes)
         record = {
             "step": step,
             "objective/scores": scores.mean().item(),
             "objective/kl": kl_per_sequence.mean().item(),
+            "objective/kl_all_ranks": kl_all_ranks,
             "objective/kl_per_token": masked_mean(kl, mask).item(),
             "objective/kl_k3": (kl_k3(logprobs, ref_logprobs, mask)).sum(1).mean().item(),
             "objective/rlhf_reward": (rewards * mask).sum(1).mean().item(),  # score − β·KL per sequence
@@ -156,9 +187,8 @@ def run(ctx: StageContext) -> dict:
             "tokens_per_second": (mask.sum().item() + rollout["prompt_tokens"]) / max(rollout_time + update_time, 1e-9),
             "memory/peak_mb": peak_memory_mb(),
         }
-        history.append(record)
         if accelerator.is_main_process:
-            metrics.write(record)
+            history.write(record)
             if wandb_run:
                 wandb_run.log(record, step=step)
             console.print(
@@ -167,14 +197,22 @@ def run(ctx: StageContext) -> dict:
                 f"len {record['val/response_length']:.0f} ({rollout_time:.1f}s + {update_time:.1f}s)"
             )
             if step % settings.sample_every == 0 or step == settings.steps:
-                log_samples(samples_file, wandb_run, step, batch, rollout, tokenizer, scores)
+                log_samples(history, wandb_run, step, batch, rollout, roles.chat, scores)
 
-        # 6. Checkpoint: everything needed to resume exactly here, marked complete last.
-        if step % settings.save_every == 0 and step < settings.steps and accelerator.is_main_process:
+        # 6. Checkpoint: everything needed to resume exactly here, marked complete last; on SIGTERM,
+        #    this step's checkpoint and a clean exit.
+        stop = ctx.sigterm.requested()
+        if (stop or step % settings.save_every == 0 and step < settings.steps) and accelerator.is_main_process:
             save_checkpoint(checkpoints, step, roles, optimizer, scheduler, kl_ctl)
+        if stop:
+            accelerator.wait_for_everyone()
+            if wandb_run:
+                wandb_run.finish()
+            raise preempted("ppo", step, checkpoints / f"step-{step:06d}")
 
     # Save: the policy adapter is the stage's product; the value adapter and head let PPO continue.
     checksums = accelerator.gather(torch.tensor([weights_checksum(roles)], device=accelerator.device))
+    kl_coefs = accelerator.gather(torch.tensor([kl_ctl.value], device=accelerator.device))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         roles.model.save_pretrained(ctx.out_dir / "policy", selected_adapters=["policy"])
@@ -182,59 +220,82 @@ def run(ctx: StageContext) -> dict:
         roles.model.save_pretrained(ctx.out_dir / "value", selected_adapters=["value"])
         save_file({"weight": value_head_weight(roles)}, ctx.out_dir / "value" / "value_head.safetensors")
         _flatten_adapter_dirs(ctx.out_dir)
+        history.publish(ctx.out_dir)
     if wandb_run:
         wandb_run.finish()
-    first, last = history[0] if history else {}, history[-1] if history else {}
+    records = history.records()
+    first, last = records[0] if records else {}, records[-1] if records else {}
     return {
         "steps": settings.steps,
         "score_first": first.get("objective/scores"),
         "score_last": last.get("objective/scores"),
         "kl_last": last.get("objective/kl"),
         "resident_backbones": count_resident_models(),
+        "reward_model": f"external: {external}" if external else "reward stage adapter",
         "prompts_too_long": prompt_counts["too_long"],
         "processes": accelerator.num_processes,
         "ranks_agree": bool((checksums == checksums[0]).all()),
-        "peak_memory_mb": max((h["memory/peak_mb"] for h in history), default=None),
+        "kl_coef_ranks_agree": bool((kl_coefs == kl_coefs[0]).all()),
+        "peak_memory_mb": max((h["memory/peak_mb"] or 0 for h in records), default=None),
     }
+
+
+def ppo_sampling(settings) -> Sampling:
+    return Sampling(settings.temperature, settings.top_p, settings.top_k)
 
 
 # --- the four roles on one backbone -------------------------------------------------------------
 
 
-def build_actor_critic(backbone, reward_dir: Path, config):
-    """Wrap the backbone with the policy, value and reward adapters; return it with the value and reward heads."""
-    reward_lora = PeftLoraConfig.from_pretrained(reward_dir / "adapter")
-    reward_lora = PeftLoraConfig(
-        r=reward_lora.r,
-        lora_alpha=reward_lora.lora_alpha,
-        lora_dropout=0.0,
-        target_modules=reward_lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
+def read_external_reward_model(reward_dir: Path) -> str | None:
+    """The reward model the reward stage used as is (its `external.json`), or None when it trained one."""
+    path = reward_dir / "external.json"
+    return json.loads(path.read_text())["model"] if path.is_file() else None
+
+
+def build_actor_critic(backbone, reward_dir: Path, config, external: bool = False):
+    """Wrap the backbone with the policy, value and (unless the reward model is external) reward adapters;
+    return it with the value and reward heads (None for an external reward model)."""
     model = get_peft_model(backbone, peft_lora_config(config.lora), adapter_name="policy")
-    reward_weights = load_file(reward_dir / "adapter" / "adapter_model.safetensors")
-    score_weight = reward_weights.pop("base_model.model.score.weight")
-    for name in ("reward", "value"):
-        model.add_adapter(name, reward_lora)
-        result = set_peft_model_state_dict(model, reward_weights, adapter_name=name)
+    hidden = backbone.config.get_text_config().hidden_size
+    device = next(backbone.parameters()).device
+    value_head = torch.nn.Linear(hidden, 1, bias=False).to(device)
+    if external:  # nothing to start the critic from: a fresh adapter and a head that says 0
+        model.add_adapter("value", peft_lora_config(config.lora))
+        torch.nn.init.zeros_(value_head.weight)
+        return model, value_head, None
+    reward_head = attach_reward_adapter(model, reward_dir, names=("reward", "value"))
+    with torch.no_grad():
+        value_head.weight.copy_(reward_head.weight)
+    return model, value_head, reward_head
+
+
+def attach_reward_adapter(model, reward_dir: Path, names=("reward",)) -> torch.nn.Linear:
+    """Add the reward stage's LoRA under each of `names` (frozen, dropout off); return its score head."""
+    saved = PeftLoraConfig.from_pretrained(reward_dir / "adapter")
+    lora = PeftLoraConfig(
+        r=saved.r, lora_alpha=saved.lora_alpha, lora_dropout=0.0, target_modules=saved.target_modules, task_type="CAUSAL_LM"
+    )
+    weights = load_file(reward_dir / "adapter" / "adapter_model.safetensors")
+    score_weight = weights.pop("base_model.model.score.weight")
+    for name in names:
+        model.add_adapter(name, lora)
+        result = set_peft_model_state_dict(model, weights, adapter_name=name)
         if result.unexpected_keys:
             raise RuntimeError(f"reward adapter does not fit the backbone: {result.unexpected_keys[:3]}")
-    hidden = backbone.config.hidden_size
-    device = next(backbone.parameters()).device
-    reward_head = torch.nn.Linear(hidden, 1, bias=False).to(device)
-    value_head = torch.nn.Linear(hidden, 1, bias=False).to(device)
+    device = next(model.parameters()).device
+    head = torch.nn.Linear(score_weight.shape[1], 1, bias=False).to(device)
     with torch.no_grad():
-        reward_head.weight.copy_(score_weight)
-        value_head.weight.copy_(score_weight)
-    reward_head.requires_grad_(False)
-    return model, value_head, reward_head
+        head.weight.copy_(score_weight)
+    return head.requires_grad_(False)
 
 
 class Roles:
     """Forward passes for each role: the same backbone with a different adapter switched on."""
 
-    def __init__(self, model, value_head, reward_head, trainable):
+    def __init__(self, model, value_head, reward_head, trainable, chat: ChatFormat):
         self.model, self.value_head, self.reward_head, self.trainable = model, value_head, reward_head, trainable
+        self.chat = chat
 
     def use(self, adapter: str) -> None:
         # PEFT's set_adapter also flips requires_grad: freeze everything, then re-enable what we train.
@@ -242,34 +303,38 @@ class Roles:
         for parameter in self.trainable:
             parameter.requires_grad_(True)
 
-    def _hidden(self, rollout: dict) -> torch.Tensor:
-        inner = self.model.base_model.model.model  # the transformer body, without the LM head
-        output = inner(
-            input_ids=rollout["input_ids"], attention_mask=rollout["attention_mask"], position_ids=rollout["position_ids"]
-        )
+    def _hidden(self, batch: dict) -> torch.Tensor:
+        inner = self.model.get_base_model().base_model  # the transformer body, without the LM head
+        output = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
         return output.last_hidden_state
 
-    def _response_logits(self, rollout: dict, temperature: float) -> torch.Tensor:
-        context = rollout["context_length"]
-        # Hidden state t predicts token t+1. Only the response's positions go through the LM head:
-        # with a 49k vocabulary, the prompt's logits would cost more than the backbone. (The LM head
-        # makes the strided slice contiguous first: rlhf.models._contiguous_input says why.)
-        hidden = self._hidden(rollout)[:, context - 1 : -1]
-        return self.model.base_model.model.lm_head(hidden).float() / temperature
+    def _response_logits(self, rollout: dict) -> torch.Tensor:
+        """[B, T, V]: the model's own logits for each response token, from its forward (so with whatever
+        it does after the LM head: Gemma 2's final softcapping, Cohere's and Granite's logit scaling).
+        Hidden state t predicts token t+1: only the last T + 1 positions go through the LM head (with a
+        49k vocabulary, the prompt's logits would cost more than the backbone)."""
+        response_tokens = rollout["input_ids"].shape[1] - rollout["context_length"]
+        output = self.model(
+            input_ids=rollout["input_ids"], attention_mask=rollout["attention_mask"], position_ids=rollout["position_ids"],
+            logits_to_keep=response_tokens + 1, use_cache=False,
+        )
+        return output.logits[:, :-1]
 
-    def policy_logprobs(self, rollout: dict, temperature: float):
-        """([B, T] log-probs of the response tokens, [B, T] entropy): the update's forward."""
+    def policy_logprobs(self, rollout: dict, sampling: Sampling):
+        """([B, T] log-probs of the response tokens under the sampling distribution, [B, T] its entropy):
+        the update's forward."""
         self.use("policy")
-        logits = self._response_logits(rollout, temperature)
+        scores = sampling_scores(self._response_logits(rollout), sampling)
         with torch.no_grad():  # logged, not trained on: no [B, T, V] softmax kept for the backward
-            entropy = entropy_from_logits(logits.detach())
-        return logprobs_from_logits(logits, rollout["input_ids"][:, rollout["context_length"] :]), entropy
+            entropy = entropy_from_logits(scores.detach())
+        return logprobs_from_logits(scores, rollout["input_ids"][:, rollout["context_length"] :]), entropy
 
-    def reference_logprobs(self, rollout: dict, temperature: float) -> torch.Tensor:
-        """[B, T] log-probs of the response tokens under the reference."""
+    def reference_logprobs(self, rollout: dict, sampling: Sampling) -> torch.Tensor:
+        """[B, T] log-probs of the response tokens under the reference's full distribution at the sampling
+        temperature (never truncated: see the module's docstring)."""
         with self.model.disable_adapter():  # the merged SFT model itself
-            logits = self._response_logits(rollout, temperature)
-        return logprobs_from_logits(logits, rollout["input_ids"][:, rollout["context_length"] :])
+            scores = sampling_scores(self._response_logits(rollout), Sampling(sampling.temperature))
+        return logprobs_from_logits(scores, rollout["input_ids"][:, rollout["context_length"] :])
 
     def values(self, rollout: dict) -> torch.Tensor:
         """[B, T]: the value of the state before each response token."""
@@ -278,12 +343,48 @@ class Roles:
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def scores(self, rollout: dict) -> torch.Tensor:
-        """[B]: the reward model's score at each sequence's last real token, as in reward training."""
+        """[B]: the reward adapter's score of each response, read as the reward model was trained to read
+        it: at the last token of prompt + response + (the end of turn, when finished)."""
         self.use("reward")
-        hidden = self._hidden(rollout)
-        last = rollout["context_length"] + rollout["mask"].sum(1).long() - 1
-        at_last = hidden[torch.arange(hidden.shape[0]), last]
+        batch = last_token_batch(reward_sequences(rollout, self.chat), self.chat.tokenizer.pad_token_id, rollout["mask"].device)
+        hidden = self._hidden(batch)
+        at_last = hidden[torch.arange(hidden.shape[0]), batch["last"]]
         return self.reward_head(at_last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
+
+
+def reward_sequences(rollout: dict, chat: ChatFormat) -> list[list[int]]:
+    """Each row's reward-model input (rlhf.chat_format.ChatFormat.assemble) from its sampled tokens."""
+    context = rollout["context_length"]
+    sequences = []
+    for ids, attention, length, finished in zip(
+        rollout["input_ids"].tolist(), rollout["attention_mask"].tolist(), rollout["mask"].sum(1).long().tolist(),
+        rollout["finished"].tolist(),
+    ):
+        prompt = [token for token, real in zip(ids[:context], attention[:context]) if real]
+        sequences.append(chat.assemble(prompt, ids[context : context + length], finished))
+    return sequences
+
+
+def score_rollout(roles: Roles, reward_model: RewardModel | None, prompts: list[Prompt], rollout: dict, size: int) -> torch.Tensor:
+    """[B] reward scores: the reward adapter's on the shared backbone, or the external reward model's on
+    the prompts and decoded responses, rendered with its own tokenizer and template."""
+    if reward_model is None:
+        return in_micro_batches(roles.scores, rollout, size)
+    texts = decode_responses(roles.chat, rollout)
+    scores = reward_model.scores([p.messages for p in prompts], texts, rollout["finished"].tolist())
+    return torch.tensor(scores, device=rollout["mask"].device)
+
+
+def decode_responses(chat: ChatFormat, rollout: dict) -> list[str]:
+    """Each response as text, without its EOS and the padding after it."""
+    context = rollout["context_length"]
+    texts = []
+    for ids, length in zip(rollout["input_ids"][:, context:].tolist(), rollout["mask"].sum(1).long().tolist()):
+        tokens = ids[:length]
+        if tokens and tokens[-1] in chat.eos_ids:
+            tokens = tokens[:-1]
+        texts.append(chat.tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    return texts
 
 
 def micro_batch(rollout: dict, rows: torch.Tensor) -> dict:
@@ -297,6 +398,7 @@ def micro_batch(rollout: dict, rows: torch.Tensor) -> dict:
         "position_ids": rollout["position_ids"][rows, shared:],
         "context_length": context - shared,
         "mask": rollout["mask"][rows],
+        "finished": rollout["finished"][rows],
     }
 
 
@@ -347,38 +449,27 @@ class RepairNonFinite(LogitsProcessor):
 
 @torch.no_grad()
 def generate_rollout(
-    roles: Roles, tokenizer, batch: list[list[int]], *, max_new_tokens: int, temperature: float,
-    top_p: float = 1.0, top_k: int = 0, adapter: str | None = "policy",
+    roles: Roles, batch: list[list[int]], *, max_new_tokens: int, sampling: Sampling, adapter: str | None = "policy"
 ) -> dict:
-    """Left-padded prompts + responses sampled with `adapter` on (None: adapters off, the SFT model;
-    temperature 0: greedy), cut after EOS, with masks, position ids, EOS bookkeeping and the log-probs
-    of the response tokens (at `temperature`, or 1 when greedy) from the logits they were drawn from."""
-    width = max(len(p) for p in batch)
-    pad = tokenizer.pad_token_id
-    device = next(roles.model.parameters()).device
-    prompt_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+    """Left-padded prompts + responses sampled with `adapter` on (None: adapters off, the SFT model),
+    cut after the first EOS of any kind, with masks, position ids, EOS bookkeeping and the log-probs of
+    the response tokens under the distribution they were drawn from (rlhf.generation.sampling_scores)."""
+    chat = roles.chat
+    pad = chat.tokenizer.pad_token_id
+    prompt_ids, prompt_mask = left_pad(batch, pad, next(roles.model.parameters()).device)
+    width = prompt_ids.shape[1]
     guard = RepairNonFinite()
     roles.use(adapter or "policy")
     with roles.model.disable_adapter() if adapter is None else contextlib.nullcontext():
-        output = roles.model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            max_new_tokens=max_new_tokens,
-            **decoding(temperature, top_p, top_k, first=(guard,)),
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-            output_logits=True,  # raw logits, before temperature and top-p: the model's own distribution
-            return_dict_in_generate=True,
-        )
-    responses, mask, finished = truncate_after_eos(output.sequences[:, width:], tokenizer.eos_token_id, pad)
+        output = generate(roles.model, chat, prompt_ids, prompt_mask, sampling, max_new_tokens, first=(guard,), with_logits=True)
+    responses, mask, finished = truncate_after_eos(output.sequences[:, width:], list(chat.eos_ids), pad)
     if guard.bad_rows is not None:  # a repaired sample is not the policy's: keep it out of the update
         mask = mask * (~guard.bad_rows).float().unsqueeze(1)
-    # PPO's old log-probs come from the logits the tokens were sampled from (as TRL's do), which saves
-    # one forward per rollout; one step at a time, so no [B, T, V] tensor is built.
+    # PPO's old log-probs come from the logits the tokens were sampled from (generate's raw logits, the
+    # model's own), which saves one forward per rollout; one step at a time, so no [B, T, V] tensor is built.
     logprobs = torch.stack(
-        [logprobs_from_logits(step_logits.float() / (temperature or 1.0), responses[:, t])
-         for t, step_logits in enumerate(output.logits)], dim=1,
+        [logprobs_from_logits(sampling_scores(step_logits, sampling), responses[:, t]) for t, step_logits in enumerate(output.logits)],
+        dim=1,
     )
     logprobs = torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs))  # repaired rows may hold nan
     attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
@@ -399,10 +490,15 @@ def generate_rollout(
 
 
 def ppo_update(accelerator, roles, optimizer, rollout, old_logprobs, old_values, advantages, returns, settings, step) -> dict:
+    """`ppo_epochs` passes of shuffled minibatches. Also measures how far the first minibatch's ratio is
+    from 1 before any optimizer step: the old log-probs and the update's describe the same distribution,
+    so it should be float rounding (a larger gap means they do not)."""
     batch_size = rollout["input_ids"].shape[0]
+    sampling = ppo_sampling(settings)
     keys = ("policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac", "entropy")
     totals: dict[str, list[float]] = {key: [] for key in keys}
-    for _ in range(settings.ppo_epochs):
+    first_ratio_gap = 0.0
+    for epoch in range(settings.ppo_epochs):
         order = torch.randperm(batch_size)
         for start in range(0, batch_size, settings.mini_batch_size):
             minibatch = by_prompt_length(rollout, order[start : start + settings.mini_batch_size])
@@ -414,7 +510,10 @@ def ppo_update(accelerator, roles, optimizer, rollout, old_logprobs, old_values,
                 # Policy and value use different adapters on the same backbone, and train disjoint
                 # parameters: each loss goes backward before the other forward, so only one forward's
                 # activations are alive at a time (the same gradients as one backward of the sum).
-                logprobs, entropy = roles.policy_logprobs(part, settings.temperature)
+                logprobs, entropy = roles.policy_logprobs(part, sampling)
+                if epoch == 0 and start == 0:
+                    gap = torch.where(mask.bool(), (logprobs.detach() - old_logprobs[rows]).exp() - 1, 0.0).abs().max()
+                    first_ratio_gap = max(first_ratio_gap, float(gap))
                 policy_loss, clipfrac, approxkl = ppo_policy_loss(
                     logprobs, old_logprobs[rows], advantages[rows], mask, settings.clip_range
                 )
@@ -435,7 +534,7 @@ def ppo_update(accelerator, roles, optimizer, rollout, old_logprobs, old_values,
             _check_finite(grad_norm, "gradient norm", step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return {key: sum(v) / len(v) for key, v in totals.items()}
+    return {**{key: sum(v) / len(v) for key, v in totals.items()}, "policy/first_ratio_max_gap": first_ratio_gap}
 
 
 def average_gradients(accelerator, parameters) -> None:
@@ -461,18 +560,15 @@ def _check_finite(value: torch.Tensor, what: str, step: int) -> None:
 
 
 def load_prompts(
-    path: Path, tokenizer, count: int, seed: int, model=None, max_new_tokens: int = 0, counts: dict | None = None
-) -> list[list[int]]:
-    """Token ids of up to `count` chat prompts, tokenized once. With the `model`, prompts that leave no room
-    for `max_new_tokens` in its context are dropped first; `counts["too_long"]` says how many."""
+    path: Path, chat: ChatFormat, count: int, seed: int, model=None, max_new_tokens: int = 0, counts: dict | None = None
+) -> list[Prompt]:
+    """Up to `count` chat prompts, tokenized once. With the `model`, prompts that leave no room for
+    `max_new_tokens` in its context are dropped first; `counts["too_long"]` says how many."""
     from rlhf.models import prompt_budget
 
-    prompts = []
-    for messages in read_conversations(path):
-        encoded = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)
-        prompts.append(list(encoded["input_ids"]))
+    prompts = [Prompt(messages[:-1], chat.prompt_ids(messages[:-1])) for messages in read_conversations(path)]
     budget = prompt_budget(model, max_new_tokens, "ppo.max_new_tokens") if model is not None else None
-    fit = [p for p in prompts if budget is None or len(p) <= budget]
+    fit = [p for p in prompts if budget is None or len(p.ids) <= budget]
     if counts is not None:
         counts["too_long"] = len(prompts) - len(fit)
     if len(fit) < len(prompts):
@@ -485,22 +581,18 @@ def load_prompts(
     return random.Random(seed).sample(fit, min(count, len(fit)))
 
 
-def log_samples(path: Path, wandb_run, step: int, batch, rollout, tokenizer, scores) -> None:
-    context = rollout["context_length"]
-    rows = []
-    for i in range(min(4, len(batch))):
-        length = int(rollout["mask"][i].sum().item())
-        rows.append(
-            {
-                "step": step,
-                "prompt": tokenizer.decode(batch[i], skip_special_tokens=True),
-                "response": tokenizer.decode(rollout["input_ids"][i, context : context + length], skip_special_tokens=True),
-                "score": round(float(scores[i]), 4),
-            }
-        )
-    with path.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+def log_samples(history: StageHistory, wandb_run, step: int, batch: list[Prompt], rollout, chat: ChatFormat, scores) -> None:
+    texts = decode_responses(chat, rollout)
+    rows = [
+        {
+            "step": step,
+            "prompt": chat.tokenizer.decode(batch[i].ids, skip_special_tokens=True),
+            "response": texts[i],
+            "score": round(float(scores[i]), 4),
+        }
+        for i in range(min(4, len(batch)))
+    ]
+    history.append("samples.jsonl", rows)
     if wandb_run:
         import wandb
 

@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 WHITEN_EPS = 1e-8
+LOG_RATIO_FLOOR = 20.0
 
 
 def _keep(mask: Tensor) -> Tensor:
@@ -110,10 +111,11 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of the next-token distribution.
 
     logits [B, T, V] -> [B, T] float32. Formula: H = −Σ_v p_v log p_v = logsumexp(logits) − Σ_v p_v · logits_v.
+    Entries at −inf (cut by top-k / top-p) have p_v = 0 and add nothing.
     """
     logits = logits.float()
     p = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+    return torch.logsumexp(logits, dim=-1) - torch.where(p > 0, p * logits, 0.0).sum(-1)
 
 
 # --- responses ---------------------------------------------------------------------------------------
@@ -216,12 +218,13 @@ def ppo_policy_loss(
     """PPO clipped surrogate loss, averaged over all kept tokens of the batch.
 
     logprobs [B, T] (current policy, with grad), old_logprobs [B, T] (rollout), advantages [B, T], mask [B, T].
-    Formula: ratio = exp(logprobs − old_logprobs);
+    Formula: ratio = exp(max(logprobs − old_logprobs, −20)) (a token the policy's top-k / top-p no longer
+    keeps has logprobs −inf: its ratio is 0, e^−20 here so the statistics stay finite; no gradient either way);
       loss = mean_m(max(−A · ratio, −A · clip(ratio, 1 − ε, 1 + ε)));
       clipfrac = mean_m([−A · clip(ratio) > −A · ratio]);  approxkl = ½ · mean_m((logprobs − old_logprobs)²).
     Returns (loss scalar, clipfrac scalar detached, approxkl scalar detached).
     """
-    log_ratio = _zero_out(logprobs - old_logprobs, mask)
+    log_ratio = _zero_out((logprobs - old_logprobs).clamp(min=-LOG_RATIO_FLOOR), mask)
     ratio = torch.exp(log_ratio)
     adv = _zero_out(advantages, mask)
     unclipped = -adv * ratio

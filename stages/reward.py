@@ -5,12 +5,16 @@ Outputs:
   what the PPO stage loads onto its one resident backbone;
 - `model/`: a standalone `AutoModelForSequenceClassification` (adapter merged) that any tool can load;
 - `metrics.jsonl`, and the held-out pairwise accuracy and mean margin in the manifest.
+Pairs are tokenized here, by rlhf.chat_format (`reward_ids`), not by TRL: the reward model learns its score
+at exactly the position where preferences, ppo and evaluate read it (rlhf.reward.readout), and a response
+cut at the length limit is shown to it unfinished.
 With `reward.model` set, an existing reward model is evaluated and used as is: `external.json` names it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset
@@ -18,31 +22,46 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 from trl import RewardConfig, RewardTrainer
 
+from rlhf.chat_format import ChatFormat
 from rlhf.data_builders.json_files import iter_json_records, read_utf8
 from rlhf.errors import UserError
-from rlhf.models import load_reward_model, load_tokenizer, peft_lora_config, resolve_model
-from rlhf.reward.judges import score_conversations
+from rlhf.models import load_reward_model, load_tokenizer, peft_lora_config
+from rlhf.reward.readout import RewardModel
 from rlhf.runner import StageContext
-from rlhf.tracking import MetricsFile, MetricsFileCallback, start_wandb
-from rlhf.training import MarkCheckpointComplete, StopOnNonFinite, last_checkpoint, save_merged, trainer_arguments
+from rlhf.tracking import MetricsFile, MetricsFileCallback, StageHistory, start_wandb
+from rlhf.training import (
+    MarkCheckpointComplete,
+    SaveAndStopOnSigterm,
+    StopOnNonFinite,
+    last_checkpoint,
+    resumed_step,
+    save_merged,
+    stop_if_preempted,
+    trainer_arguments,
+)
 
 console = Console(highlight=False, soft_wrap=True)
 
 
 def run(ctx: StageContext) -> dict:
     config, settings = ctx.config, ctx.config.reward
-    train = load_pairs(ctx.inputs["preferences"] / "train.jsonl")
-    evaluation = load_pairs(ctx.inputs["preferences"] / "eval.jsonl")
+    train_pairs = load_pairs(ctx.inputs["preferences"] / "train.jsonl")
+    eval_pairs = load_pairs(ctx.inputs["preferences"] / "eval.jsonl")
     if settings.model:
-        return use_external_reward_model(ctx, evaluation)
+        return use_external_reward_model(ctx, eval_pairs)
 
-    # 1. Setup: the merged SFT model as a classifier with one output; LoRA (QLoRA when 4-bit).
+    # 1. Setup: the merged SFT model as a classifier with one output; LoRA (QLoRA when 4-bit); the pairs
+    #    as the readout's token ids.
     backbone = str(ctx.inputs["sft"] / "merged")
     tokenizer = load_tokenizer(backbone, config.model.trust_remote_code)
     model = load_reward_model(backbone, config.model, tokenizer, quantize=True)
+    chat = ChatFormat.of(tokenizer)
+    train, evaluation = tokenize_pairs(train_pairs, chat), tokenize_pairs(eval_pairs, chat)
     wandb_run = start_wandb(config, "reward", ctx.run_dir)
-    metrics = MetricsFile(ctx.out_dir / "metrics.jsonl")
     checkpoints = ctx.work_dir / "checkpoints"
+    resume = last_checkpoint(checkpoints)
+    history = StageHistory(ctx.work_dir, resumed_step(resume))  # metrics.jsonl of every attempt
+    stop = SaveAndStopOnSigterm(ctx.sigterm)
     args = RewardConfig(
         **trainer_arguments(settings, config, checkpoints, "reward", wandb_run is not None),
         center_rewards_coefficient=settings.center_rewards_coefficient,
@@ -55,7 +74,7 @@ def run(ctx: StageContext) -> dict:
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=peft_lora_config(config.lora, task_type="SEQ_CLS"),
-        callbacks=[MetricsFileCallback(metrics), MarkCheckpointComplete()],
+        callbacks=[MetricsFileCallback(history.metrics), MarkCheckpointComplete(), stop],
         stage="reward",
     )
     # TRL drops pairs whose chosen or rejected conversation is longer than reward.max_length: count them.
@@ -78,11 +97,12 @@ def run(ctx: StageContext) -> dict:
 
     # 2. Train; held-out pairwise accuracy and margin before and after.
     before = trainer.evaluate()
-    metrics.write({"step": 0, **before})
-    resume = last_checkpoint(checkpoints)
     if resume:
         console.print(f"reward: resuming from {resume}")
+    else:
+        history.write({"step": 0, **before})
     trainer.train(resume_from_checkpoint=resume)
+    stop_if_preempted(stop, "reward", checkpoints)
     after = trainer.evaluate()
     train_steps = trainer.state.global_step
     console.print(
@@ -104,12 +124,13 @@ def run(ctx: StageContext) -> dict:
         save_file({"weight": score.float().contiguous()}, ctx.out_dir / "score_head.safetensors")
         load = lambda path, model_config: load_reward_model(path, model_config, tokenizer)  # noqa: E731
         save_merged(load, backbone, adapter_dir, ctx.out_dir / "model", config)
+        history.publish(ctx.out_dir)
     result = {
         "eval_accuracy": after["eval_accuracy"],
         "eval_margin": after["eval_margin"],
         "eval_accuracy_before": before["eval_accuracy"],
         "eval_pairs": eval_pairs,
-        "train_pairs": len(train),
+        "train_pairs": len(train_pairs),
         **too_long,
         "train_steps": train_steps,
         "processes": processes,
@@ -124,14 +145,14 @@ class GuardedRewardTrainer(StopOnNonFinite, RewardTrainer):
     """TRL's RewardTrainer, stopped by a non-finite loss or gradient (rlhf.training.StopOnNonFinite)."""
 
 
-def use_external_reward_model(ctx: StageContext, evaluation: Dataset) -> dict:
-    """Score the held-out pairs with the user's reward model (and its own tokenizer); no training."""
+def use_external_reward_model(ctx: StageContext, pairs: list[PreferencePair]) -> dict:
+    """Score the held-out pairs with the user's reward model (its own tokenizer and template); no training."""
     config = ctx.config
-    path = resolve_model(config.reward.model, "reward.model")
-    tokenizer = load_tokenizer(path, config.model.trust_remote_code)
-    model = load_reward_model(path, config.model, tokenizer).eval()
-    chosen = score_conversations(model, tokenizer, [r["prompt"] + r["chosen"] for r in evaluation])
-    rejected = score_conversations(model, tokenizer, [r["prompt"] + r["rejected"] for r in evaluation])
+    reward_model = RewardModel.load(config.reward.model, config.model, "reward.model", config.reward.batch_size)
+    chosen = reward_model.scores([p.prompt_for(p.chosen) for p in pairs], [p.chosen[-1]["content"] for p in pairs],
+                                 [p.chosen_finished for p in pairs])
+    rejected = reward_model.scores([p.prompt_for(p.rejected) for p in pairs], [p.rejected[-1]["content"] for p in pairs],
+                                   [p.rejected_finished for p in pairs])
     accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(chosen)
     margin = sum(c - r for c, r in zip(chosen, rejected)) / len(chosen)
     (ctx.out_dir / "external.json").write_text(json.dumps({"model": config.reward.model}, indent=2))
@@ -140,18 +161,52 @@ def use_external_reward_model(ctx: StageContext, evaluation: Dataset) -> dict:
     return {"eval_accuracy": accuracy, "eval_margin": margin, "eval_pairs": len(chosen), "external": True}
 
 
-def load_pairs(path: Path) -> Dataset:
-    """Conversational prompt/chosen/rejected rows (judge scores dropped: TRL reads a `margin` column).
-    A bad row is a UserError naming the file and line."""
+@dataclass(frozen=True)
+class PreferencePair:
+    """One row of the preference dataset. `chosen` / `rejected` end with the assistant's reply (earlier
+    messages in them continue the prompt); `*_finished` is False for a reply cut at the length limit."""
+
+    prompt: list[dict]
+    chosen: list[dict]
+    rejected: list[dict]
+    chosen_finished: bool = True
+    rejected_finished: bool = True
+
+    def prompt_for(self, side: list[dict]) -> list[dict]:
+        return [*self.prompt, *side[:-1]]
+
+
+def tokenize_pairs(pairs: list[PreferencePair], chat: ChatFormat) -> Dataset:
+    """TRL's pre-tokenized form (`chosen_ids`, `rejected_ids`), rendered by the one reward readout."""
+
+    def ids(pair: PreferencePair, side: list[dict], finished: bool) -> list[int]:
+        return chat.reward_ids(pair.prompt_for(side), side[-1]["content"], finished)
+
+    return Dataset.from_list([
+        {"chosen_ids": ids(p, p.chosen, p.chosen_finished), "rejected_ids": ids(p, p.rejected, p.rejected_finished)}
+        for p in pairs
+    ])
+
+
+def load_pairs(path: Path) -> list[PreferencePair]:
+    """The preference rows of a split (judge scores dropped). A bad row is a UserError naming the file and line."""
     if not path.is_file():
         raise UserError(f"{path}: preference split not found (run the preferences stage)")
-    rows = []
+    pairs = []
     for record in iter_json_records(path, read_utf8(path)):
         row = record.value
         for key in ("prompt", "chosen", "rejected"):
             if not isinstance(row, dict) or not isinstance(row.get(key), list) or not row[key]:
                 raise UserError(f'{record.where}: expected "{key}" to be a non-empty list of messages')
-        rows.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
-    if not rows:
+        for key in ("chosen", "rejected"):
+            last = row[key][-1]
+            if not isinstance(last, dict) or last.get("role") != "assistant" or not isinstance(last.get("content"), str):
+                raise UserError(f'{record.where}: expected "{key}" to end with an assistant message')
+            if not isinstance(row.get(f"{key}_finished", True), bool):
+                raise UserError(f'{record.where}: expected "{key}_finished" to be true or false')
+        pairs.append(PreferencePair(
+            row["prompt"], row["chosen"], row["rejected"], row.get("chosen_finished", True), row.get("rejected_finished", True)
+        ))
+    if not pairs:
         raise UserError(f"{path}: expected at least one preference pair, found none")
-    return Dataset.from_list(rows)
+    return pairs

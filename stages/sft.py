@@ -17,8 +17,17 @@ from rlhf.data_builders.instructions import read_conversations
 from rlhf.errors import UserError
 from rlhf.models import load_causal_lm, load_tokenizer, peft_lora_config, resolve_model
 from rlhf.runner import StageContext
-from rlhf.tracking import MetricsFile, MetricsFileCallback, start_wandb
-from rlhf.training import MarkCheckpointComplete, StopOnNonFinite, last_checkpoint, save_merged, trainer_arguments
+from rlhf.tracking import MetricsFile, MetricsFileCallback, StageHistory, start_wandb
+from rlhf.training import (
+    MarkCheckpointComplete,
+    SaveAndStopOnSigterm,
+    StopOnNonFinite,
+    last_checkpoint,
+    resumed_step,
+    save_merged,
+    stop_if_preempted,
+    trainer_arguments,
+)
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -33,9 +42,10 @@ def run(ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(base_path, config.model.trust_remote_code)
     model = load_causal_lm(base_path, config.model)
     wandb_run = start_wandb(config, "sft", ctx.run_dir)
-    metrics = MetricsFile(ctx.out_dir / "metrics.jsonl")
-
     checkpoints = ctx.work_dir / "checkpoints"
+    resume = last_checkpoint(checkpoints)
+    history = StageHistory(ctx.work_dir, resumed_step(resume))  # metrics.jsonl of every attempt
+    stop = SaveAndStopOnSigterm(ctx.sigterm)
     args = SFTConfig(
         **trainer_arguments(settings, config, checkpoints, "sft", wandb_run is not None),
         completion_only_loss=True,
@@ -47,7 +57,7 @@ def run(ctx: StageContext) -> dict:
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=peft_lora_config(config.lora),
-        callbacks=[MetricsFileCallback(metrics), MarkCheckpointComplete()],
+        callbacks=[MetricsFileCallback(history.metrics), MarkCheckpointComplete(), stop],
         stage="sft",
     )
     too_long = count_too_long(
@@ -56,11 +66,12 @@ def run(ctx: StageContext) -> dict:
 
     # 2. Train, resuming from the last checkpoint of an interrupted attempt with the same fingerprint.
     eval_loss_before = trainer.evaluate()["eval_loss"]
-    metrics.write({"step": 0, "eval_loss": eval_loss_before})
-    resume = last_checkpoint(checkpoints)
     if resume:
         console.print(f"sft: resuming from {resume}")
+    else:
+        history.write({"step": 0, "eval_loss": eval_loss_before})
     trainer.train(resume_from_checkpoint=resume)
+    stop_if_preempted(stop, "sft", checkpoints)
     eval_loss = trainer.evaluate()["eval_loss"]
     train_steps = trainer.state.global_step
     console.print(f"sft: eval loss {eval_loss_before:.4f} -> {eval_loss:.4f}")
@@ -74,6 +85,7 @@ def run(ctx: StageContext) -> dict:
         (ctx.out_dir / "adapter" / "training_args.bin").unlink(missing_ok=True)  # pickled: publish safetensors only
         tokenizer.save_pretrained(ctx.out_dir / "adapter")
         save_merged(load_causal_lm, base_path, ctx.out_dir / "adapter", ctx.out_dir / "merged", config)
+        history.publish(ctx.out_dir)
         console.print(f"sft: merged model saved to {ctx.out_dir / 'merged'}")
     if wandb_run:
         wandb_run.summary.update({"eval_loss_before": eval_loss_before, "eval_loss": eval_loss})

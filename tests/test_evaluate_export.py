@@ -168,8 +168,9 @@ def test_exported_model_loads_with_plain_transformers_and_generates(run_dir):
     ids = chat_ids(tokenizer)
     output = model.generate(**ids, max_new_tokens=5)  # the generation config alone (evaluated decoding) suffices
     assert output.shape[1] > ids["input_ids"].shape[1]
-    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert model.generation_config.eos_token_id == [tokenizer.eos_token_id]  # every EOS id the pipeline stops at
     assert model.generation_config.max_new_tokens == 12 and model.generation_config.do_sample
+    assert model.generation_config.top_k == 0 and model.generation_config.repetition_penalty is None
     card = (model_dir / "README.md").read_text()
     assert "base_model" not in card.split("---")[1]  # tiny-random-llama is no hub model
     assert "tiny-random-llama" in card and "## Evaluation" in card and "| ppo |" in card

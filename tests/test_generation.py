@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from rlhf.config import ModelConfig
-from rlhf.generation import SampleByInverseCdf, decoding, generate_chat
+from rlhf.generation import SampleFrom, Sampling, generate_chat
 from rlhf.models import load_causal_lm, load_tokenizer, resolve_model
 
 
 def test_inverse_cdf_sampler_draws_tokens_at_their_softmax_probabilities():
     scores = torch.tensor([[2.0, 1.0, float("-inf"), 0.0, -1.0]]).repeat(40_000, 1)
     torch.manual_seed(0)
-    chosen = SampleByInverseCdf()(None, scores.clone())
+    chosen = SampleFrom(Sampling(1.0))(None, scores.clone())
     assert ((chosen == 0) | torch.isneginf(chosen)).all() and ((chosen == 0).sum(1) == 1).all()
     counts = torch.bincount(chosen.argmax(1), minlength=5).double() / 40_000
     expected = torch.softmax(scores[0].double(), 0)  # 0.644, 0.237, 0, 0.087, 0.032
@@ -23,7 +23,7 @@ def test_inverse_cdf_sampler_draws_tokens_at_their_softmax_probabilities():
 
 def test_inverse_cdf_sampler_refuses_nan_scores_like_multinomial():
     with pytest.raises(ValueError, match="nan or all -inf"):
-        SampleByInverseCdf()(None, torch.tensor([[0.0, float("nan")]]))
+        SampleFrom(Sampling(1.0))(None, torch.tensor([[0.0, float("nan")]]))
 
 
 def test_top_k_1_sampling_is_greedy_decoding_and_samples_differ_by_seed():
@@ -35,12 +35,3 @@ def test_top_k_1_sampling_is_greedy_decoding_and_samples_differ_by_seed():
     assert top1 == greedy
     sampled = [generate_chat(model, tokenizer, chats, max_new_tokens=12, temperature=1.0, seed=s) for s in (1, 1, 2)]
     assert sampled[0] == sampled[1] != sampled[2]
-
-
-def test_decoding_overrides_the_models_generation_config():
-    settings = decoding(0.7, top_p=0.9, top_k=0)
-    assert settings["do_sample"] is False and settings["top_k"] is None  # SmolLM2's top_k=50 must not apply
-    assert [type(p).__name__ for p in settings["logits_processor"]] == [
-        "TemperatureLogitsWarper", "TopPLogitsWarper", "SampleByInverseCdf",
-    ]
-    assert list(decoding(0.0)["logits_processor"]) == []

@@ -10,8 +10,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from rlhf.chat_format import ChatFormat
 from rlhf.cli import main
 from rlhf.config import load_config
+from rlhf.generation import Sampling
 from rlhf.models import enable_checkpointing_with_grad, load_causal_lm, load_tokenizer, resolve_model
 from rlhf.stages import ppo
 from rlhf.training import NonFiniteTraining
@@ -47,18 +49,17 @@ def setup_roles(run_dir: Path, quantization: str = "none"):
     backbone = load_causal_lm(str(run_dir / "sft" / "merged"), config.model)
     model, value_head, reward_head = ppo.build_actor_critic(backbone, run_dir / "reward", config)
     trainable = [p for n, p in model.named_parameters() if ".policy." in n or ".value." in n]
-    roles = ppo.Roles(model.eval(), value_head, reward_head, trainable)
-    tokenizer = load_tokenizer(str(run_dir / "sft" / "merged"))
-    prompts = ppo.load_prompts(run_dir / "instructions" / "train.jsonl", tokenizer, 4, 0)
-    rollout = sample(roles, tokenizer, prompts, config.ppo)
+    chat = ChatFormat.of(load_tokenizer(str(run_dir / "sft" / "merged")), backbone)
+    roles = ppo.Roles(model.eval(), value_head, reward_head, trainable, chat)
+    prompts = ppo.load_prompts(run_dir / "instructions" / "train.jsonl", chat, 4, 0)
+    rollout = sample(roles, prompts, config.ppo)
     return roles, rollout, config
 
 
-def sample(roles, tokenizer, prompts, settings, **changes):
+def sample(roles, prompts, settings, **changes):
     settings = settings.model_copy(update=changes)
     return ppo.generate_rollout(
-        roles, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-        top_p=settings.top_p, top_k=settings.top_k,
+        roles, [p.ids for p in prompts], max_new_tokens=settings.max_new_tokens, sampling=ppo.ppo_sampling(settings)
     )
 
 
@@ -66,15 +67,15 @@ def sample(roles, tokenizer, prompts, settings, **changes):
 def test_policy_equals_reference_at_step_zero(upstream, quantization):
     roles, rollout, config = setup_roles(upstream, quantization)
     with torch.no_grad():
-        policy, _ = roles.policy_logprobs(rollout, 1.0)
-        reference = roles.reference_logprobs(rollout, 1.0)
+        policy, _ = roles.policy_logprobs(rollout, Sampling(1.0))
+        reference = roles.reference_logprobs(rollout, Sampling(1.0))
     assert torch.equal(policy, reference)
 
 
 def test_reference_is_the_sft_model_not_the_base(upstream):
     roles, rollout, config = setup_roles(upstream)
     with torch.no_grad():
-        reference = roles.reference_logprobs(rollout, 1.0)
+        reference = roles.reference_logprobs(rollout, Sampling(1.0))
         mask = rollout["mask"]
 
         def logprobs_of(model) -> torch.Tensor:
@@ -96,15 +97,17 @@ def test_value_and_reward_start_from_the_reward_model(upstream):
         AutoModelForSequenceClassification.from_pretrained(upstream / "sft" / "merged", num_labels=1),
         upstream / "reward" / "adapter",
     ).eval()
+    reward_model.config.pad_token_id = roles.chat.tokenizer.pad_token_id
     with torch.no_grad():
-        expected = reward_model(
-            input_ids=rollout["input_ids"], attention_mask=rollout["attention_mask"], position_ids=rollout["position_ids"]
-        ).logits[:, 0]
+        expected = torch.tensor(
+            [reward_model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in ppo.reward_sequences(rollout, roles.chat)]
+        )
         scores = roles.scores(rollout)
         values = roles.values(rollout)
-    reward_model.config.pad_token_id = None  # (the classifier reads the last non-pad token; left padding)
     assert torch.allclose(scores, expected, atol=1e-4)
     assert values.shape == rollout["mask"].shape
+    # The value head starts as the reward model's score head.
+    assert torch.equal(roles.value_head.weight, roles.reward_head.weight)
 
 
 def target_token_reward(monkeypatch, run_dir: Path) -> float:
@@ -117,10 +120,9 @@ def target_token_reward(monkeypatch, run_dir: Path) -> float:
     row = {"messages": [{"role": "user", "content": "Give one tip."}, {"role": "assistant", "content": "Rest."}]}
     (run_dir / "instructions" / "train.jsonl").write_text((json.dumps(row) + "\n") * 64)
     roles, _, config = setup_roles(run_dir)
-    tokenizer = load_tokenizer(str(run_dir / "sft" / "merged"))
-    prompt = ppo.load_prompts(run_dir / "instructions" / "train.jsonl", tokenizer, 1, 0)
+    prompt = ppo.load_prompts(run_dir / "instructions" / "train.jsonl", roles.chat, 1, 0)
     torch.manual_seed(0)
-    rollout = sample(roles, tokenizer, prompt * 64, config.ppo, max_new_tokens=1)
+    rollout = sample(roles, prompt * 64, config.ppo, max_new_tokens=1)
     first_tokens = rollout["input_ids"][:, -1]
     target = first_tokens.mode().values
 
@@ -181,7 +183,7 @@ def test_large_kl_coefficient_keeps_the_policy_near_the_reference(run_dir, tmp_p
     assert sum(held_scores[-3:]) / 3 < sum(free_scores[-3:]) / 3 - 0.3, (held_scores, free_scores)
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(run_dir, tmp_path, monkeypatch):
+def test_resume_after_a_crash_matches_an_uninterrupted_run(run_dir, tmp_path, monkeypatch, capsys):
     settings = ["ppo.steps=4", "ppo.save_every=2", "ppo.learning_rate=1e-3"]
     uninterrupted = Path(shutil.copytree(run_dir, tmp_path / "uninterrupted"))
     assert run_ppo(uninterrupted, *settings) == 0
@@ -201,7 +203,12 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(run_dir, tmp_path, mo
     assert list((run_dir / ".work").glob("ppo-*/checkpoints/step-000002/COMPLETE"))
     monkeypatch.setattr(ppo, "ppo_update", original)
     assert run_ppo(run_dir, *settings) == 0
-    assert [p["step"] for p in curve(run_dir)] == [3, 4]  # resumed after step 2, not from scratch
+    assert "ppo: resuming after step 2" in capsys.readouterr().out  # not from scratch
+    # The published curve holds every step, the first attempt's too, as the uninterrupted run's does.
+    resumed, whole = curve(run_dir), curve(uninterrupted)
+    assert [p["step"] for p in resumed] == [1, 2, 3, 4]
+    for key in ("objective/scores", "objective/kl", "loss/policy"):
+        assert [p[key] for p in resumed] == pytest.approx([p[key] for p in whole], abs=1e-4), key
     a = load_file(run_dir / "ppo" / "policy" / "adapter_model.safetensors")
     b = load_file(uninterrupted / "ppo" / "policy" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -227,18 +234,23 @@ def test_non_finite_loss_stops_with_a_clear_error_and_publishes_nothing(run_dir,
 
 def test_two_processes_agree_on_the_final_weights(run_dir):
     """Data parallel over 2 CPU processes (gloo): each rank samples its own prompts, gradients are
-    averaged, so both end with the same weights; only rank 0 publishes."""
+    averaged, so both end with the same weights and the same adaptive β; only rank 0 publishes."""
     import subprocess
     import sys
 
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rlhf.cli", "run", SMOKE,
-         f"output_dir={run_dir}", "--only", "ppo", "ppo.steps=3", "ppo.learning_rate=1e-2"],
+         f"output_dir={run_dir}", "--only", "ppo", "ppo.steps=3", "ppo.learning_rate=1e-2", "ppo.target_kl=0.5",
+         "ppo.kl_horizon=10"],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "ppo" / "manifest.json").read_text())["metrics"]
     assert metrics["processes"] == 2 and metrics["ranks_agree"] is True
+    # The adaptive β follows the KL averaged over both ranks, so it is the same on each (each rank's own
+    # KL would give two different β: the ranks sample different prompts).
+    assert metrics["kl_coef_ranks_agree"] is True
+    assert len({p["kl_coef"] for p in curve(run_dir)}) == 3  # β moved every step
     assert [p["step"] for p in curve(run_dir)] == [1, 2, 3]
     assert not list((run_dir / ".tmp").iterdir())
 
@@ -248,7 +260,6 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(upstream):
     changes neither the loss nor any gradient; sampling (no graph) keeps running without it, on its KV cache."""
     config = load_config(SMOKE, [f"output_dir={upstream}"])
     tokenizer = load_tokenizer(str(upstream / "sft" / "merged"))
-    prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", tokenizer, 4, 0)
     rollout, results, checkpointed = None, [], []
     for checkpointing in (False, True):
         torch.manual_seed(0)  # the same LoRA initialisation both times
@@ -261,11 +272,12 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(upstream):
         model, value_head, reward_head = ppo.build_actor_critic(backbone, upstream / "reward", config)
         named = [(n, p) for n, p in model.named_parameters() if ".policy." in n or ".value." in n]
         trainable = [p for _, p in named]
-        roles = ppo.Roles(model.eval(), value_head, reward_head, trainable)
-        sampled = sample(roles, tokenizer, prompts, config.ppo)
+        roles = ppo.Roles(model.eval(), value_head, reward_head, trainable, ChatFormat.of(tokenizer, backbone))
+        prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", roles.chat, 4, 0)
+        sampled = sample(roles, prompts, config.ppo)
         assert not checkpointed  # no checkpointing while sampling
         rollout = rollout or sampled  # score the same rollout both times
-        logprobs, _ = roles.policy_logprobs(rollout, 1.0)
+        logprobs, _ = roles.policy_logprobs(rollout, Sampling(1.0))
         values = roles.values(rollout)
         mask = rollout["mask"]
         loss = -(logprobs * mask).sum() + ((values - 1.0) ** 2 * mask).sum()
@@ -284,12 +296,11 @@ def test_rollout_logprobs_equal_a_forward_of_the_policy(upstream, temperature):
     """The old log-probs come from the logits the rollout sampled from (KV cache, left padding): they
     match a full forward of the policy over the finished sequences (greedy: at temperature 1)."""
     roles, _, config = setup_roles(upstream)
-    tokenizer = load_tokenizer(str(upstream / "sft" / "merged"))
-    prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", tokenizer, 6, 1)
-    assert len({len(p) for p in prompts}) > 1  # the test needs left padding
-    rollout = sample(roles, tokenizer, prompts, config.ppo, temperature=temperature)
+    prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", roles.chat, 6, 1)
+    assert len({len(p.ids) for p in prompts}) > 1  # the test needs left padding
+    rollout = sample(roles, prompts, config.ppo, temperature=temperature)
     with torch.no_grad():
-        forward, _ = roles.policy_logprobs(rollout, temperature or 1.0)
+        forward, _ = roles.policy_logprobs(rollout, Sampling(temperature))
     mask = rollout["mask"]
     assert mask.sum() > 0
     assert torch.allclose(rollout["logprobs"], forward * mask, atol=1e-4)
@@ -314,7 +325,7 @@ def test_update_gradients_equal_one_backward_of_the_summed_loss(upstream, monkey
     for micro in torch.arange(rows).split(2):
         part = ppo.micro_batch(rollout, micro)
         mask = part["mask"]
-        logprobs, _ = roles.policy_logprobs(part, settings.temperature)
+        logprobs, _ = roles.policy_logprobs(part, ppo.ppo_sampling(settings))
         values = roles.values(part)
         policy_loss = ppo.ppo_policy_loss(logprobs, old_logprobs[micro], advantages[micro], mask, settings.clip_range)[0]
         value_loss = ppo.ppo_value_loss(values, old_values[micro], returns[micro], mask, settings.clip_range_value)[0]
@@ -344,10 +355,9 @@ def test_micro_batches_drop_shared_padding_and_score_the_same(upstream):
     """Scoring and the update run on micro-batches of rows with similar prompt lengths, cut to the left
     padding they share: the same log-probs, values and scores as the whole padded rollout."""
     roles, _, config = setup_roles(upstream)
-    tokenizer = load_tokenizer(str(upstream / "sft" / "merged"))
-    prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", tokenizer, 6, 1)
-    rollout = sample(roles, tokenizer, prompts, config.ppo)
-    lengths = [len(p) for p in prompts]
+    prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", roles.chat, 6, 1)
+    rollout = sample(roles, prompts, config.ppo)
+    lengths = [len(p.ids) for p in prompts]
     order = ppo.by_prompt_length(rollout, torch.arange(len(prompts)))
     assert [lengths[i] for i in order] == sorted(lengths)
     shortest = ppo.micro_batch(rollout, order[:2])
@@ -355,7 +365,7 @@ def test_micro_batches_drop_shared_padding_and_score_the_same(upstream):
     assert shortest["input_ids"].shape[1] == rollout["input_ids"].shape[1] - (max(lengths) - shortest["context_length"])
     with torch.no_grad():
         for name, forward in [
-            ("reference", lambda part: roles.reference_logprobs(part, 0.7)),
+            ("reference", lambda part: roles.reference_logprobs(part, Sampling(0.7))),
             ("values", roles.values),
             ("scores", roles.scores),
         ]:

@@ -15,7 +15,9 @@ from test_judges import prefers_longer
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf.cli import main
-from rlhf.reward.judges import score_conversations
+from rlhf.chat_format import ChatFormat
+from rlhf.reward.readout import classifier_scores
+from rlhf.stages.reward import load_pairs, tokenize_pairs
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
 
@@ -133,9 +135,9 @@ def test_reward_model_learns_a_synthetic_preference_and_saves_every_form(run_dir
     # The standalone model reproduces the held-out accuracy with plain transformers.
     tokenizer = AutoTokenizer.from_pretrained(reward / "model")
     model = AutoModelForSequenceClassification.from_pretrained(reward / "model").eval()
-    pairs = read_jsonl(run_dir / "preferences" / "eval.jsonl")
-    chosen = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
-    rejected = score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
+    pairs = tokenize_pairs(load_pairs(run_dir / "preferences" / "eval.jsonl"), ChatFormat.of(tokenizer))
+    chosen = classifier_scores(model, tokenizer.pad_token_id, pairs["chosen_ids"])
+    rejected = classifier_scores(model, tokenizer.pad_token_id, pairs["rejected_ids"])
     accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
     assert accuracy == pytest.approx(metrics["eval_accuracy"])
     head = load_file(reward / "score_head.safetensors")["weight"]

@@ -1,0 +1,69 @@
+"""The one reward-model readout: a score read at the last token of `ChatFormat.reward_ids` (the prompt, the
+response, and the end of turn only when the response finished).
+
+TRL's RewardTrainer trains on these ids (the reward stage tokenizes the pairs itself), and every score the
+pipeline uses is read at the same position of the same tokens:
+- `classifier_scores`: a sequence-classification model (the standalone `reward/model`, an external reward
+  model, the preferences judge), right-padded as in training, read by the model itself at its last
+  non-pad token; rlhf.models.load_tokenizer picks a pad token that is never that last token;
+- `last_token_batch`: the same sequences as tensors for the ppo and evaluate stages, which read the reward
+  adapter's hidden state at `last` on their shared backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.chat_format import ChatFormat
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass
+class RewardModel:
+    """A sequence-classification reward model with its own tokenizer and chat template."""
+
+    model: object
+    chat: ChatFormat
+    batch_size: int = 8
+
+    @classmethod
+    def load(cls, name_or_path: str, model_config, key: str, batch_size: int = 8) -> RewardModel:
+        from rlhf.models import load_reward_model, load_tokenizer, resolve_model
+
+        path = resolve_model(name_or_path, key)
+        tokenizer = load_tokenizer(path, model_config.trust_remote_code)
+        model = load_reward_model(path, model_config, tokenizer).eval()
+        return cls(model, ChatFormat.of(tokenizer), batch_size)
+
+    def scores(self, prompts: list[Conversation], responses: list[str], finished: list[bool]) -> list[float]:
+        sequences = [self.chat.reward_ids(p, r, f) for p, r, f in zip(prompts, responses, finished)]
+        return classifier_scores(self.model, self.chat.tokenizer.pad_token_id, sequences, self.batch_size)
+
+
+@torch.no_grad()
+def classifier_scores(model, pad_id: int, sequences: list[list[int]], batch_size: int = 8) -> list[float]:
+    """A sequence-classification model's score of each token sequence, batched and right-padded with
+    `pad_id` as TRL's RewardTrainer pads (the model reads at the last token that is not `pad_id`)."""
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for start in range(0, len(sequences), batch_size):
+        batch = last_token_batch(sequences[start : start + batch_size], pad_id, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        scores += logits[:, 0].float().tolist()
+    return scores
+
+
+def last_token_batch(sequences: list[list[int]], pad_id: int, device) -> dict:
+    """Right-padded [B, L] input_ids, attention_mask and position_ids, and [B] `last`: each row's last token."""
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([list(s) + [pad_id] * (width - len(s)) for s in sequences], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+        "last": torch.tensor([len(s) - 1 for s in sequences], device=device),
+    }
