@@ -177,10 +177,16 @@ def published_stage(run_dir: Path, stage: str, needed_for: str) -> Path:
 def cmd_report(args) -> int:
     import json
 
-    from rlhf.report import summary_table
+    from rlhf.report import shipped_gap_line, summary_table
 
     report_file = published_stage(Path(args.run_dir), "evaluate", "rlhf report") / "report.json"
     print(summary_table(json.loads(report_file.read_text())))
+    export = Path(args.run_dir) / "export" / "manifest.json"
+    metrics = json.loads(export.read_text())["metrics"] if export.is_file() else {}
+    if "evaluated_vs_shipped_prompts" in metrics:  # a quantized run: the shipped model is not the evaluated one
+        gap = {key.removeprefix("evaluated_vs_shipped_"): value for key, value in metrics.items() if key.startswith("evaluated_vs_shipped_")}
+        quantization = json.loads(export.read_text())["parts"]["config"]["model"]["quantization"]
+        print(shipped_gap_line(gap, quantization))
     return 0
 
 

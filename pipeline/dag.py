@@ -80,8 +80,8 @@ STAGES: list[Stage] = [
     Stage(
         name="export",
         module="rlhf.stages.export",
-        reads=("seed", "model.name_or_path", "model.trust_remote_code", "lora", "export"),
-        upstream=("sft", "ppo", "evaluate"),
+        reads=("seed", "model", "lora", "export", "evaluate.num_prompts"),
+        upstream=("instructions", "sft", "ppo", "evaluate"),  # instructions: held-out prompts for the QLoRA gap
         outputs=("model", "adapter"),
     ),
 ]

@@ -86,6 +86,16 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def shipped_gap_line(gap: dict, quantization: str) -> str:
+    """QLoRA runs: how far the shipped (merged, full-precision) model is from the evaluated one (export's manifest)."""
+    return (
+        f"These figures are of the {quantization} backbone + adapter that was evaluated; this model is the adapter "
+        f"merged into full-precision weights. On {gap['prompts']} held-out prompts their logits differ by at most "
+        f"{gap['max_abs_logit_diff']:.3g} (mean {gap['mean_abs_logit_diff']:.3g}); mean KL(shipped ‖ evaluated) "
+        f"{gap['mean_kl_per_token']:.3g} per token."
+    )
+
+
 def markdown_report(report: dict, samples: list[dict], plots: list[str], num_samples: int) -> str:
     """report.md: the table, how it was measured, the plots, lm-eval results and side-by-side samples."""
     decoding = report["decoding"]

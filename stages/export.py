@@ -22,8 +22,9 @@ from transformers import GenerationConfig
 
 from rlhf.chat_format import ChatFormat
 from rlhf.config import EMBEDDED_MODEL
+from rlhf.data_builders.instructions import read_conversations
 from rlhf.models import load_causal_lm, load_tokenizer
-from rlhf.report import summary_table
+from rlhf.report import shipped_gap_line, summary_table
 from rlhf.runner import StageContext
 
 console = Console(highlight=False, soft_wrap=True)
@@ -59,12 +60,15 @@ def run(ctx: StageContext) -> dict:
         merged = merged.to(getattr(torch, settings.dtype))
         cast_error = (merged(**probe).logits.float() - before).abs().max().item()
 
+        # QLoRA: evaluate judged the NF4 backbone + adapter; what ships is the full-precision merge.
+        shipped_gap = evaluated_vs_shipped(ctx, tokenizer, merged)
+
     # 3. Save the model, tokenizer (with its chat template) and a generation config with the evaluated decoding.
     model_dir = ctx.out_dir / "model"
     set_generation_config(merged, tokenizer, report["decoding"])
     merged.save_pretrained(model_dir)  # safetensors only
     tokenizer.save_pretrained(model_dir)
-    (model_dir / "README.md").write_text(model_card(ctx, report), encoding="utf-8")
+    (model_dir / "README.md").write_text(model_card(ctx, report, shipped_gap), encoding="utf-8")
 
     # 4. Keep the adapter-only form beside it.
     shutil.copytree(policy_dir, ctx.out_dir / "adapter")
@@ -78,7 +82,42 @@ def run(ctx: StageContext) -> dict:
         "size_mb": round(size_mb, 2),
         "merge_max_abs_logit_diff": merge_error,
         "export_max_abs_logit_diff": cast_error,
+        **({f"evaluated_vs_shipped_{key}": value for key, value in shipped_gap.items()} if shipped_gap else {}),
     }
+
+
+def evaluated_vs_shipped(ctx: StageContext, tokenizer, shipped) -> dict | None:
+    """For a quantized run, how far the shipped model's logits are from those of the model evaluate judged
+    (the quantized merged SFT backbone + the policy adapter), over every position of the held-out prompts:
+    max and mean |Δlogit| and the mean KL(shipped ‖ evaluated) of the next-token distributions. None when
+    nothing was quantized (then both are the same weights, up to export.dtype's cast)."""
+    config = ctx.config
+    if config.model.quantization == "none":
+        return None
+    sft_dir, policy_dir = ctx.inputs["sft"] / "merged", ctx.inputs["ppo"] / "policy"
+    evaluated = PeftModel.from_pretrained(load_causal_lm(str(sft_dir), config.model), policy_dir).eval()
+    device = next(evaluated.parameters()).device
+    chat = ChatFormat.of(tokenizer)
+    conversations = read_conversations(ctx.inputs["instructions"] / "eval.jsonl")[: config.evaluate.num_prompts]
+    largest, total, kl, positions = 0.0, 0.0, 0.0, 0
+    for messages in conversations:
+        ids = torch.tensor([chat.prompt_ids(messages[:-1])])
+        ours = shipped(input_ids=ids).logits[0].float()
+        theirs = evaluated(input_ids=ids.to(device)).logits[0].float().cpu()
+        gap = (ours - theirs).abs()
+        largest, total, positions = max(largest, gap.max().item()), total + gap.mean(-1).sum().item(), positions + len(ids[0])
+        log_ours, log_theirs = torch.log_softmax(ours, -1), torch.log_softmax(theirs, -1)
+        kl += (log_ours.exp() * (log_ours - log_theirs)).sum(-1).sum().item()
+    del evaluated
+    gap = {
+        "prompts": len(conversations), "max_abs_logit_diff": largest, "mean_abs_logit_diff": total / positions,
+        "mean_kl_per_token": kl / positions,
+    }
+    console.print(
+        f"export: shipped vs evaluated ({config.model.quantization} backbone) on {gap['prompts']} held-out prompts: "
+        f"max |Δlogit| {largest:.3g}, mean {gap['mean_abs_logit_diff']:.3g}, mean KL {gap['mean_kl_per_token']:.3g} per token"
+    )
+    return gap
 
 
 def set_generation_config(model, tokenizer, decoding: dict) -> None:
@@ -102,7 +141,7 @@ def set_generation_config(model, tokenizer, decoding: dict) -> None:
 # --- the model card -----------------------------------------------------------------------------
 
 
-def model_card(ctx: StageContext, report: dict) -> str:
+def model_card(ctx: StageContext, report: dict, shipped_gap: dict | None = None) -> str:
     config = ctx.config
     base = config.model.name_or_path
     hub_base = HUB_NAMES.get(base, base if _looks_like_hub_id(base) else None)
@@ -154,7 +193,10 @@ def model_card(ctx: StageContext, report: dict) -> str:
             f"- preference pairs: {preferences.get('train', '?')} train / {preferences.get('eval', '?')} held-out "
             f"(source: {preferences.get('source', '?')}{', judge: ' + preferences['judge'] if 'judge' in preferences else ''})"
         )
-    lines += ["", "## Evaluation", "", summary_table(report), "", "## Stages", "", "| stage | fingerprint | finished | metrics |", "|---|---|---|---|"]
+    lines += ["", "## Evaluation", "", summary_table(report)]
+    if shipped_gap:
+        lines += ["", shipped_gap_line(shipped_gap, config.model.quantization)]
+    lines += ["", "## Stages", "", "| stage | fingerprint | finished | metrics |", "|---|---|---|---|"]
     for stage, manifest in manifests.items():
         if manifest:
             metrics = ", ".join(f"{k}={_short(v)}" for k, v in manifest.get("metrics", {}).items())

@@ -132,14 +132,25 @@ def test_malformed_seed_line_names_file_and_line(tmp_path):
     assert result.returncode == 2 and f"{seeds}:2:" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_qlora_sft_with_wandb_offline(tmp_path):
-    """4-bit NF4 backbone on the CPU; the merged model is full precision, not 4-bit."""
+def test_qlora_sft_with_wandb_offline(tmp_path, capsys):
+    """4-bit NF4 backbone on the CPU; the merged model is full precision, not 4-bit. evaluate judged the NF4
+    backbone + adapter, export ships the full-precision merge: the report and model card say how far apart."""
     run_dir = tmp_path / "run"
     assert main(["run", SMOKE, f"output_dir={run_dir}", "model.quantization=4bit", "wandb.mode=offline"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "merged")
     assert merged.dtype == torch.float32 and "quantization_config" not in merged.config.to_dict()
     generate(run_dir / "sft" / "merged")
     assert list((run_dir / "wandb").rglob("offline-run-*"))
+
+    gap = json.loads((run_dir / "export" / "manifest.json").read_text())["metrics"]
+    assert gap["evaluated_vs_shipped_prompts"] == 8  # the held-out prompts (instructions.num_eval)
+    assert 0 < gap["evaluated_vs_shipped_mean_abs_logit_diff"] <= gap["evaluated_vs_shipped_max_abs_logit_diff"] < 100
+    assert gap["evaluated_vs_shipped_mean_kl_per_token"] >= 0
+    card = (run_dir / "export" / "model" / "README.md").read_text()
+    assert "These figures are of the 4bit backbone + adapter that was evaluated" in card
+    capsys.readouterr()
+    assert main(["report", str(run_dir)]) == 0
+    assert f"their logits differ by at most {gap['evaluated_vs_shipped_max_abs_logit_diff']:.3g}" in capsys.readouterr().out
 
 
 def test_8bit_sft(tmp_path):

@@ -44,8 +44,8 @@ def curve(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
 
 
-def setup_roles(run_dir: Path, quantization: str = "none"):
-    config = load_config(SMOKE, [f"output_dir={run_dir}", f"model.quantization={quantization}"])
+def setup_roles(run_dir: Path, quantization: str = "none", dtype: str = "auto"):
+    config = load_config(SMOKE, [f"output_dir={run_dir}", f"model.quantization={quantization}", f"model.dtype={dtype}"])
     backbone = load_causal_lm(str(run_dir / "sft" / "merged"), config.model)
     model, value_head, reward_head = ppo.build_actor_critic(backbone, run_dir / "reward", config)
     trainable = [p for n, p in model.named_parameters() if ".policy." in n or ".value." in n]
@@ -291,11 +291,14 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(upstream):
         assert torch.allclose(g, grads_ckpt[name], rtol=1e-5, atol=1e-7), name
 
 
-@pytest.mark.parametrize("temperature", [0.7, 0.0])
-def test_rollout_logprobs_equal_a_forward_of_the_policy(upstream, temperature):
+@pytest.mark.parametrize(
+    "temperature, dtype, largest, mean", [(0.7, "float32", 1e-4, 1e-5), (0.0, "float32", 1e-4, 1e-5), (0.7, "bfloat16", 0.25, 0.02)]
+)
+def test_rollout_logprobs_equal_a_forward_of_the_policy(upstream, temperature, dtype, largest, mean):
     """The old log-probs come from the logits the rollout sampled from (KV cache, left padding): they
-    match a full forward of the policy over the finished sequences (greedy: at temperature 1)."""
-    roles, _, config = setup_roles(upstream)
+    match a full forward of the policy over the finished sequences (greedy: at temperature 1). In
+    bfloat16 the two round differently: a log-prob of -3.5 is a logit gap near 0.06 apart in its spacing."""
+    roles, _, config = setup_roles(upstream, dtype=dtype)
     prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", roles.chat, 6, 1)
     assert len({len(p.ids) for p in prompts}) > 1  # the test needs left padding
     rollout = sample(roles, prompts, config.ppo, temperature=temperature)
@@ -303,7 +306,21 @@ def test_rollout_logprobs_equal_a_forward_of_the_policy(upstream, temperature):
         forward, _ = roles.policy_logprobs(rollout, Sampling(temperature))
     mask = rollout["mask"]
     assert mask.sum() > 0
-    assert torch.allclose(rollout["logprobs"], forward * mask, atol=1e-4)
+    gap = (rollout["logprobs"] - forward * mask).abs()
+    assert gap.max() <= largest and gap.sum() / mask.sum() <= mean, (gap.max(), gap.sum() / mask.sum())
+
+
+def test_in_bfloat16_step_one_kl_is_small_and_the_policy_learns(run_dir, monkeypatch):
+    """The whole stage in bfloat16. The rollout's log-probs (KV cache) and the reference's (one forward)
+    round differently, so step 1's KL is not 0 as in float32: the bound is |KL| < 0.01 per token (measured
+    at most 0.0014 over seeds 0-2 of the smoke run)."""
+    base_rate = target_token_reward(monkeypatch, run_dir)
+    assert run_ppo(run_dir, *LEARN, "ppo.kl_coef=0.01", "model.dtype=bfloat16") == 0
+    points = curve(run_dir)
+    assert abs(points[0]["objective/kl_per_token"]) < 0.01
+    assert points[0]["policy/first_ratio_max_gap"] < 0.2
+    scores = [p["objective/scores"] / 5 for p in points]
+    assert sum(scores[-3:]) / 3 > max(0.9, base_rate + 0.2), (base_rate, scores)
 
 
 def test_update_gradients_equal_one_backward_of_the_summed_loss(upstream, monkeypatch):
