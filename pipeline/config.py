@@ -178,8 +178,10 @@ class PPOConfig(Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    missing_eos_penalty: float | None = Field(1.0, ge=0)
-    """Subtracted from the score of a response that hit max_new_tokens without ending."""
+    missing_eos_penalty: float | None = Field(None, ge=0)
+    """Subtracted from the score of a response that hit max_new_tokens without ending. None: the reward
+    model's own score, which has seen unfinished answers when the preferences were generated; set it for
+    a reward model that never saw one (imported pairs, an external model)."""
     # Rewards and the KL penalty.
     kl_coef: float = Field(0.05, ge=0)
     target_kl: float | None = Field(None, gt=0)

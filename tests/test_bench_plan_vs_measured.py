@@ -24,6 +24,7 @@ TINY_SHAPE = {
 }
 
 
+@pytest.mark.slow  # 55 s: five stages, each in a process of its own
 def test_plan_vs_measured_runs_each_stage_at_the_planned_lengths(tmp_path):
     shape = tmp_path / "shape.json"
     shape.write_text(json.dumps(TINY_SHAPE))
