@@ -357,7 +357,7 @@ def main(argv=None) -> None:
         return
 
     h.log(f"machine: {h.cpu_info()}; load average before: {h.loadavg()}")
-    h.log(h.code_state("stages/ppo.py", "stages/ppo_math.py", "pipeline/models.py"))
+    h.log(h.code_state("stages/ppo.py", "pipeline/ppo_math.py", "pipeline/rollout.py", "pipeline/roles.py", "pipeline/models.py"))
     trl_python = ensure_trl_venv(Path(args.trl_venv)) if args.only != "ours" else None
     prepare(args, work)
     h.log(

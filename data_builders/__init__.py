@@ -1,1 +1,2 @@
-"""Stages and helpers that build datasets: instructions, preferences."""
+"""Builders of datasets, called by the stages: seed formats, self-instruct expansion and its filters,
+preference import and generation, JSON I/O. No stage lives here (stages/ holds them)."""

@@ -1,4 +1,5 @@
-"""Reading JSON record files: ``.jsonl`` (one JSON value per line) or ``.json`` (one JSON list).
+"""Reading JSON record files: ``.jsonl`` (one JSON value per line) or ``.json`` (one JSON list); the
+instruction splits (`read_conversations`) and JSONL outputs (`write_jsonl`) every stage shares.
 
 Every problem is a ``UserError`` whose one-line message names the file and line (``path:line``),
 so the user can jump straight to it. Line numbers count "\\n" only: ``str.splitlines()`` also
@@ -136,3 +137,41 @@ def _skip_whitespace(text: str, position: int) -> int:
     while text[position] in " \t\r\n":
         position += 1
     return position
+
+
+# --- the pipeline's chat splits and outputs ---------------------------------------------------
+
+
+def read_conversations(path: Path) -> list[list[dict]]:
+    """The `messages` of every row of an instruction split (train.jsonl / eval.jsonl): each a list of
+    {"role", "content"} messages ending with the assistant's answer. A bad row is a UserError naming
+    the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: instruction split not found (run the instructions stage)")
+    conversations = [_conversation(record.value, record.where) for record in iter_json_records(path, read_utf8(path))]
+    if not conversations:
+        raise UserError(f'{path}: expected at least one row with "messages", found none')
+    return conversations
+
+
+def _conversation(row: object, where: str) -> list[dict]:
+    if not isinstance(row, dict) or "messages" not in row:
+        got = "an object without it" if isinstance(row, dict) else json_type_name(row)
+        raise UserError(f'{where}: expected an object with a "messages" list, got {got}')
+    messages = row["messages"]
+    if not isinstance(messages, list) or len(messages) < 2:
+        got = f"{len(messages)} message(s)" if isinstance(messages, list) else json_type_name(messages)
+        raise UserError(f'{where}: expected "messages" to be a list of at least 2 messages (prompt, answer), got {got}')
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
+            raise UserError(f'{where}: expected "messages[{index}]" to be an object with string "role" and "content"')
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f'{where}: expected the last message to be the assistant\'s answer, got role "{messages[-1]["role"]}"')
+    return messages
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf.data_builders.json_files import iter_json_records, json_type_name, read_utf8
-from rlhf.errors import UserError
+from rlhf.errors import UserError, one_line
 
 Conversation = list[dict[str, str]]  # chat messages: {"role": ..., "content": ...}
 
@@ -177,7 +177,7 @@ def _saved_dataset_rows(path: Path) -> _Rows:
     try:
         dataset = datasets.load_from_disk(str(path))
     except Exception as err:  # noqa: BLE001 - any failure here is a bad dataset folder
-        raise UserError(f"{path}: cannot load the saved dataset: {_first_line(err)}") from None
+        raise UserError(f"{path}: cannot load the saved dataset: {one_line(err)}") from None
     if isinstance(dataset, datasets.DatasetDict):
         if not dataset:
             raise UserError(f"{path}: expected a saved dataset with at least one split, found none")
@@ -193,13 +193,13 @@ def _parquet_rows(path: Path) -> _Rows:
         # `datasets` calls a file without rows "no data"; its footer says so plainly.
         empty = pyarrow.parquet.read_metadata(path).num_rows == 0
     except Exception as err:  # noqa: BLE001 - any failure here is a bad parquet file
-        raise UserError(f"{path}: cannot read the parquet file: {_first_line(err)}") from None
+        raise UserError(f"{path}: cannot read the parquet file: {one_line(err)}") from None
     if empty:
         raise UserError(f"{path}: expected at least one preference row, found none")
     try:
         dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as err:  # noqa: BLE001 - any failure here is a bad parquet file
-        raise UserError(f"{path}: cannot read the parquet file: {_first_line(err)}") from None
+        raise UserError(f"{path}: cannot read the parquet file: {one_line(err)}") from None
     return _dataset_rows(dataset, str(path))
 
 
@@ -209,17 +209,12 @@ def _hub_rows(hub_id: str) -> _Rows:
     try:
         dataset = datasets.load_dataset(hub_id, split="train")
     except Exception as err:  # noqa: BLE001 - network, missing dataset, missing split, bad files
-        raise UserError(f"preferences.path: cannot load dataset '{hub_id}': {_first_line(err)}") from None
+        raise UserError(f"preferences.path: cannot load dataset '{hub_id}': {one_line(err)}") from None
     return _dataset_rows(dataset, hub_id)
 
 
 def _dataset_rows(dataset, source: str) -> _Rows:
     return _Rows(source, ((f"{source}: row {i}", f"row {i}", row) for i, row in enumerate(dataset)))
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().split("\n") if line.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 # --- rows ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ TINY_MODEL = "tiny-random-llama"
 
 BOOKKEEPING = {"bookkeeping": True}
 """Marks a key that changes how a stage logs or checkpoints, not what it computes: left out of the
-fingerprint of a stage that reads its whole section (rlhf.runner.stage_parts), so that editing it after a
+fingerprint of a stage that reads its whole section (rlhf.fingerprint.stage_parts), so that editing it after a
 crash resumes the stage instead of retraining it."""
 
 

@@ -30,7 +30,7 @@ def preference_files(config: PipelineConfig) -> list[Path]:
 STAGES: list[Stage] = [
     Stage(
         name="instructions",
-        module="rlhf.data_builders.instructions",
+        module="rlhf.stages.instructions",
         reads=("seed", "instructions", "model.name_or_path", "model.trust_remote_code"),
         file_inputs=lambda config: [seeds_path(config)],
         outputs=("train.jsonl", "eval.jsonl", "stats.json"),
@@ -46,7 +46,7 @@ STAGES: list[Stage] = [
     ),
     Stage(
         name="preferences",
-        module="rlhf.data_builders.preferences",
+        module="rlhf.stages.preferences",
         reads=("seed", "preferences", "model.dtype", "model.device", "model.trust_remote_code"),
         upstream=("instructions", "sft"),
         file_inputs=preference_files,

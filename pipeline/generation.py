@@ -72,8 +72,8 @@ class SampleFrom(LogitsProcessor):
     at that token and -inf elsewhere, for generate's greedy step to take.
 
     Why not generate's own sampling: torch.multinomial draws one exponential variate per vocabulary
-    entry, 19 ms per step for 16 rows of SmolLM2's 49k vocabulary on a 2-core CPU (a tenth of a
-    decode step); inverse-CDF sampling needs one uniform per row (0.5 ms). Same distribution: the
+    entry, a sizeable share of a CPU decode step with a 49k vocabulary; inverse-CDF sampling needs one
+    uniform per row (figures in the README, "Benchmarks"). Same distribution: the
     token is the first whose cumulative probability exceeds a uniform draw (float64 sums)."""
 
     def __init__(self, sampling: Sampling):
@@ -168,9 +168,3 @@ def generate_chat(
                 replies[i] = Generation(tokenizer.decode(cut, skip_special_tokens=True).strip(), bool(len(ends)))
             progress.update(len(batch))
     return replies
-
-
-def prompt_lengths(tokenizer, conversations: list[Conversation]) -> list[int]:
-    """Tokens of each conversation as a prompt (chat template and generation prompt), as generation sees it."""
-    chat = ChatFormat.of(tokenizer)
-    return [len(chat.prompt_ids(c)) for c in conversations]

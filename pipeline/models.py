@@ -20,7 +20,7 @@ import torch
 
 from rlhf.chat_format import safe_pad_token
 from rlhf.config import EMBEDDED_MODEL, TINY_MODEL, LoraConfig, ModelConfig
-from rlhf.errors import UserError
+from rlhf.errors import UserError, one_line
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -64,7 +64,7 @@ def _check_hub_model(hub_id: str, key: str) -> None:
         if isinstance(huggingface_hub.try_to_load_from_cache(hub_id, "config.json"), str):
             return  # downloaded before: loads offline
     except HFValidationError as e:
-        raise UserError(f"{key}: '{hub_id}' is neither a local directory nor a valid hub id ({_first_line(e)})") from None
+        raise UserError(f"{key}: '{hub_id}' is neither a local directory nor a valid hub id ({one_line(e)})") from None
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
     if offline:
         raise UserError(
@@ -82,7 +82,7 @@ def _check_hub_model(hub_id: str, key: str) -> None:
     except Exception as e:  # noqa: BLE001 - DNS, connection, timeout, proxy: the hub cannot be reached
         raise UserError(
             f"{key}: '{hub_id}' is neither a local directory nor in the Hugging Face cache, and the hub is unreachable "
-            f"({_first_line(e)})"
+            f"({one_line(e)})"
         ) from None
 
 
@@ -117,7 +117,7 @@ def materialize_embedded_model(dest: Path) -> None:
 
     gguf = embedded_gguf()
     package_dir = gguf.parent
-    print(f"Materializing {gguf.name} into {dest.parent} (once, ~30 s)...", flush=True)
+    print(f"Materializing {gguf.name} into {dest.parent} (once)...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config and weights.
@@ -224,8 +224,7 @@ def pick_dtype(model_config: ModelConfig) -> torch.dtype:
 def cpu_has_bf16_kernels() -> bool:
     """Whether oneDNN has bfloat16 kernels for this CPU: AVX-512 (BW, VL and DQ: what PyTorch's own check,
     `mkldnn_bf16_device_check`, asks for), AVX512-BF16 or AMX. Without them PyTorch computes bfloat16
-    through slow fallbacks: on an AVX2-only AMD EPYC (2 cores), one forward and backward of SmolLM2-135M
-    on [8, 256] tokens took 403 s in bfloat16 and 17-22 s in float32. Other CPUs (Arm): float32.
+    through slow fallbacks, many times slower than float32 (README, "Quickstart"). Other CPUs (Arm): float32.
     RLHF_CPU_BF16=1 or 0 overrides the detection (the tests pin 0, so they compute alike everywhere)."""
     forced = os.environ.get("RLHF_CPU_BF16")
     if forced is not None:
@@ -246,7 +245,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"model '{path}': cannot load its tokenizer: {_first_line(e)}") from None
+        raise UserError(f"model '{path}': cannot load its tokenizer: {one_line(e)}") from None
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHATML_TEMPLATE
     pad = safe_pad_token(tokenizer)
@@ -287,8 +286,8 @@ def load_causal_lm(path: str, model_config: ModelConfig, quantize: bool = True):
 def _contiguous_input(module, args):
     """A forward pre-hook for the LM head. Its input is often a strided slice of the hidden states
     (generate's prefill keeps the last position; PPO keeps the response's). On such a 3-D input torch's
-    matmul broadcasts the [V, H] weight into a [B, H, V] copy instead of folding the batch: on CPU,
-    1.09 s instead of 0.007 s for one 16-row prefill of SmolLM2 (49k vocabulary), in every rollout."""
+    matmul broadcasts the [V, H] weight into a [B, H, V] copy instead of folding the batch, in every
+    rollout (the figures: README, "Benchmarks")."""
     return (args[0].contiguous(), *args[1:])
 
 
@@ -324,7 +323,7 @@ def _load(auto_class, path: str, model_config: ModelConfig, quantize: bool, **kw
             **kwargs,
         )
     except (OSError, ValueError) as e:  # missing or unrecognised files; ValueError: no known model_type
-        raise UserError(f"model.name_or_path: cannot load '{path}': {_first_line(e)}") from None
+        raise UserError(f"model.name_or_path: cannot load '{path}': {one_line(e)}") from None
     if quant is None:
         model.to(device)
     elif device == "cpu":
@@ -415,6 +414,21 @@ def prompt_budget(model, max_new_tokens: int, key: str) -> int | None:
     return context - max_new_tokens
 
 
+def fits_context(model, prompts: list[list[int]], max_new_tokens: int, key: str, stage: str) -> list[bool]:
+    """Whether each tokenized prompt leaves room for `max_new_tokens` (the config key `key`) in the model's
+    context. The stage drops the others and says so in one line."""
+    budget = prompt_budget(model, max_new_tokens, key)
+    fits = [budget is None or len(ids) <= budget for ids in prompts]
+    if not all(fits):
+        from rich.console import Console
+
+        Console(highlight=False, soft_wrap=True).print(
+            f"{stage}: dropped {len(fits) - sum(fits)} of {len(fits)} prompts longer than {budget} tokens "
+            f"(the model's context minus {key}={max_new_tokens})"
+        )
+    return fits
+
+
 def peft_lora_config(lora: LoraConfig, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig as PeftLoraConfig
 
@@ -425,11 +439,3 @@ def peft_lora_config(lora: LoraConfig, task_type: str = "CAUSAL_LM"):
         target_modules=lora.target_modules,
         task_type=task_type,
     )
-
-
-def _first_line(error: BaseException) -> str:
-    """The error's text on one line (some messages break before their point), kept short."""
-    text = " ".join(str(error).split())
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return text or type(error).__name__

@@ -4,7 +4,7 @@ Both models answer the instruction dataset's eval split (never trained on) `samp
 times per prompt, with the same decoding settings and seed. They are one resident backbone, as in
 the ppo stage: the merged SFT model with the PPO policy adapter switched on (PPO) or all adapters
 disabled (SFT), plus the reward adapter and score head (the proxy reward, read exactly as PPO's
-`Roles.scores` reads it, rlhf.reward.readout). For each model it measures, averaged over every response:
+`rlhf.roles.Roles.scores` reads it, rlhf.reward.readout). For each model it measures, averaged over every response:
 - proxy reward: the learned reward model's score (or the external reward model's, when the reward
   stage used one);
 - gold reward: the rubric judge with the eval split's reference answer, or a teacher's pairwise
@@ -24,6 +24,7 @@ response pair), `plots/` (PNG training curves from the sft, reward and ppo metri
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,29 +33,111 @@ from rich.console import Console
 from tqdm.auto import tqdm
 
 from rlhf.chat_format import ChatFormat
-
-from rlhf.data_builders.instructions import read_conversations
+from rlhf.data_builders.json_files import read_conversations, write_jsonl
 from rlhf.data_builders.teacher import build_teacher
 from rlhf.errors import UserError
 from rlhf.generation import Sampling
-from rlhf.models import load_causal_lm, load_tokenizer, pick_device, pick_dtype
+from rlhf.models import (
+    fits_context,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+)
 from rlhf.plots import draw_plots
-from rlhf.report import MODELS, markdown_report, reward_hacking, summary_table, verdict_scores, win_rate
+from rlhf.report import (
+    MODELS,
+    markdown_report,
+    reward_hacking,
+    summary_table,
+    verdict_scores,
+    win_rate,
+)
 from rlhf.reward.judges import Candidate, LLMJudge, RubricJudge
-from rlhf.reward.readout import RewardModel
+from rlhf.reward.readout import (
+    RewardModel,
+    attach_reward_adapter,
+    read_external_reward_model,
+)
+from rlhf.roles import Roles
+from rlhf.rollout import decode_responses, generate_rollout
 from rlhf.runner import StageContext, process_rank
-from rlhf.stages.ppo import Roles, attach_reward_adapter, decode_responses, generate_rollout, read_external_reward_model
 from rlhf.tracking import start_wandb
 
 console = Console(highlight=False, soft_wrap=True)
 
+Example = tuple[list[dict], str]
+"""(prompt conversation, reference answer)."""
+
+
+@dataclass
+class Responses:
+    """One model's responses, one entry per (prompt, sample) row, each prompt's samples in a row."""
+
+    text: list[str] = field(default_factory=list)
+    length: list[int] = field(default_factory=list)
+    finished: list[bool] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    """Per response: sum over its tokens of log π_model − log π_sft."""
+    proxy: list[float | None] = field(default_factory=list)
+    gold: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        def mean(values):
+            return sum(values) / len(values) if values else 0.0
+
+        return {
+            "proxy_reward": mean(self.proxy),
+            "gold_reward": mean(self.gold),
+            "kl": mean(self.kl),
+            "response_length": mean(self.length),
+            "eos_fraction": mean([float(f) for f in self.finished]),
+        }
+
 
 def run(ctx: StageContext) -> dict:
     config, settings = ctx.config, ctx.config.evaluate
-
-    # 1. Setup: held-out prompts; one backbone (the merged SFT model) carrying the policy adapter and,
-    #    unless the reward stage used an external model, the reward adapter and score head.
     examples = load_eval_examples(ctx.inputs["instructions"] / "eval.jsonl", settings.num_prompts)
+
+    # 1-2. Both models on one backbone; generate batch by batch with the same seed and measure what needs
+    #      the backbone: token counts, EOS, the KL of each model's samples to SFT, the proxy reward.
+    #      Each prompt's responses sit next to each other: row r answers prompt r // samples_per_prompt.
+    responses, nonfinite, examples, rows = generate_and_measure(ctx, examples)
+
+    # 3. Proxy reward from the external reward model, when the reward stage used one.
+    external = read_external_reward_model(ctx.inputs["reward"])
+    if external:
+        reward_model = RewardModel.load(external, config.model, "reward.model", settings.batch_size)
+        for name in MODELS:
+            responses[name].proxy = reward_model.scores([p for p, _ in rows], responses[name].text, responses[name].finished)
+        del reward_model
+
+    # 4. Gold reward: the rubric with the reference answer, or a teacher's pairwise verdicts.
+    judge_gold(responses, rows, config)
+
+    # 5. The report: per-model means, the win rate (prompt by prompt), the reward-hacking flag, the KL budget.
+    report = build_report(config, len(examples), responses, external, nonfinite)
+    samples = sample_rows(rows, responses, settings.samples_per_prompt)
+
+    # 6. Optional: lm-evaluation-harness on both models (needs the lm_eval package; never installed for you).
+    report["lm_eval"] = run_lm_eval(settings, ctx.inputs["sft"] / "merged", ctx.inputs["ppo"] / "policy", config)
+
+    # 7. Save: report.json, samples.jsonl, the training curves, report.md; the same to wandb.
+    return save(ctx, report, samples)
+
+
+def load_eval_examples(path: Path, count: int) -> list[Example]:
+    """(prompt conversation, reference answer) for the first `count` rows of the eval split."""
+    examples = [(messages[:-1], messages[-1]["content"]) for messages in read_conversations(path)][:count]
+    if not examples:
+        raise UserError(f"{path}: no held-out prompts to evaluate on")
+    return examples
+
+
+def load_roles(ctx: StageContext) -> Roles:
+    """The merged SFT model carrying the policy adapter and, unless the reward stage used an external
+    model, the reward adapter and score head."""
+    config = ctx.config
     backbone_dir = str(ctx.inputs["sft"] / "merged")
     tokenizer = load_tokenizer(backbone_dir, config.model.trust_remote_code)
     tokenizer.padding_side = "left"
@@ -63,79 +146,77 @@ def run(ctx: StageContext) -> dict:
     model = PeftModel.from_pretrained(backbone, ctx.inputs["ppo"] / "policy", adapter_name="policy")
     external = read_external_reward_model(ctx.inputs["reward"])
     reward_head = None if external else attach_reward_adapter(model, ctx.inputs["reward"])
-    model.eval()
-    roles = Roles(model, None, reward_head, [], chat)
-    prompts = [chat.prompt_ids(prompt) for prompt, _ in examples]
-    # Each prompt's responses sit next to each other: response r answers prompt r // samples_per_prompt.
-    k = settings.samples_per_prompt
-    rows = [prompt for prompt in prompts for _ in range(k)]
-    row_examples = [example for example in examples for _ in range(k)]
+    return Roles(model.eval(), None, reward_head, [], chat)
+
+
+def generate_and_measure(ctx: StageContext, examples: list[Example]):
+    """Each model's Responses on every row, and the count of repaired samples; the examples and rows
+    left once prompts too long for the model's context are dropped. The backbone is freed on return,
+    before any judge model loads."""
+    config, settings = ctx.config, ctx.config.evaluate
+    roles, k = load_roles(ctx), settings.samples_per_prompt
+    prompts = [roles.chat.prompt_ids(prompt) for prompt, _ in examples]
+    fits = fits_context(roles.model, prompts, settings.max_new_tokens, "evaluate.max_new_tokens", "evaluate")
+    examples = [e for e, fit in zip(examples, fits) if fit]
+    if not examples:
+        raise UserError(f"{ctx.inputs['instructions'] / 'eval.jsonl'}: no held-out prompts fit the model's context")
+    rows = [e for e in examples for _ in range(k)]
+    batches = [ids for ids, fit in zip(prompts, fits) if fit for _ in range(k)]
     sampling = Sampling(settings.temperature, settings.top_p)
     console.print(
         f"evaluate: {len(examples)} held-out prompts × {k} responses, SFT vs PPO (temperature {settings.temperature:g}, "
         f"top_p {settings.top_p:g}, max_new_tokens {settings.max_new_tokens}, seed {config.seed})"
     )
-
-    # 2. Generate with both models, batch by batch with the same seed, and measure what needs the
-    #    backbone: token counts, EOS, the KL of each model's samples to SFT, and the proxy reward.
-    measured: dict[str, dict[str, list]] = {m: {"text": [], "length": [], "finished": [], "kl": [], "proxy": []} for m in MODELS}
+    responses = {name: Responses() for name in MODELS}
     nonfinite = 0
-    with tqdm(total=2 * len(rows), desc="evaluate: generating", unit="response") as progress:
-        for start in range(0, len(rows), settings.batch_size):
-            batch = rows[start : start + settings.batch_size]
+    with tqdm(total=2 * len(batches), desc="evaluate: generating", unit="response") as progress:
+        for start in range(0, len(batches), settings.batch_size):
+            batch = batches[start : start + settings.batch_size]
             for name in MODELS:
                 torch.manual_seed(config.seed + start)  # the same seed for both models
-                rollout = generate_rollout(
-                    roles, batch, max_new_tokens=settings.max_new_tokens, sampling=sampling,
-                    adapter="policy" if name == "ppo" else None,
-                )
-                nonfinite += rollout["repaired"]
-                mask = rollout["mask"]
-                with torch.no_grad():
-                    if name == "ppo" or sampling.truncated:  # the KL ppo.kl_budget bounds, as ppo measures it
-                        ref_logprobs = roles.reference_logprobs(rollout, sampling)
-                        kl = ((rollout["logprobs"] - ref_logprobs) * mask).sum(1).tolist()
-                    else:
-                        kl = [0.0] * len(batch)  # SFT sampled from its full distribution: log π_sft − log π_sft
-                    proxy = roles.scores(rollout).tolist() if reward_head is not None else [None] * len(batch)
-                record = measured[name]
-                record["text"] += decode_responses(chat, rollout)
-                record["length"] += mask.sum(1).long().tolist()
-                record["finished"] += rollout["finished"].tolist()
-                record["kl"] += kl
-                record["proxy"] += proxy
+                nonfinite += measure_batch(roles, batch, name, sampling, settings.max_new_tokens, responses[name])
                 progress.update(len(batch))
-    del roles, model, backbone  # free the backbone before loading any judge model
+    return responses, nonfinite, examples, rows
 
-    # 3. Proxy reward from the external reward model, when the reward stage used one.
+
+@torch.no_grad()
+def measure_batch(roles: Roles, batch: list[list[int]], name: str, sampling: Sampling, max_new_tokens: int, into: Responses) -> int:
+    """Sample `batch` with model `name` and append what it measures to `into`; returns repaired samples."""
+    rollout = generate_rollout(roles, batch, max_new_tokens=max_new_tokens, sampling=sampling, adapter="policy" if name == "ppo" else None)
+    mask = rollout.mask
+    if name == "ppo" or sampling.truncated:  # the KL ppo.kl_budget bounds, as ppo measures it
+        kl = ((rollout.logprobs - roles.reference_logprobs(rollout, sampling)) * mask).sum(1).tolist()
+    else:
+        kl = [0.0] * len(batch)  # SFT sampled from its full distribution: log π_sft − log π_sft
+    into.text += decode_responses(roles.chat, rollout)
+    into.length += mask.sum(1).long().tolist()
+    into.finished += rollout.finished.tolist()
+    into.kl += kl
+    into.proxy += roles.scores(rollout).tolist() if roles.reward_head is not None else [None] * len(batch)
+    return rollout.repaired
+
+
+def judge_gold(responses: dict[str, Responses], rows: list[Example], config) -> None:
+    settings = config.evaluate
     candidates = {
-        name: [
-            Candidate(prompt, text, finished, reference)
-            for (prompt, reference), text, finished in zip(row_examples, measured[name]["text"], measured[name]["finished"])
-        ]
+        name: [Candidate(prompt, text, finished, reference)
+               for (prompt, reference), text, finished in zip(rows, responses[name].text, responses[name].finished)]
         for name in MODELS
     }
-    if external:
-        reward_model = RewardModel.load(external, config.model, "reward.model", settings.batch_size)
-        for name in MODELS:
-            measured[name]["proxy"] = reward_model.scores(
-                [prompt for prompt, _ in row_examples], measured[name]["text"], measured[name]["finished"]
-            )
-        del reward_model
-
-    # 4. Gold reward: the rubric with the reference answer, or a teacher's pairwise verdicts.
     if settings.judge == "rubric":
         for name in MODELS:
-            measured[name]["gold"] = RubricJudge().scores(candidates[name])
+            responses[name].gold = RubricJudge().scores(candidates[name])
     else:
         teacher = build_teacher(settings.judge_teacher, config.model)
         verdicts = LLMJudge(teacher, seed=config.seed).verdicts(list(zip(candidates["ppo"], candidates["sft"])))
-        measured["ppo"]["gold"], measured["sft"]["gold"] = verdict_scores(verdicts)
+        responses["ppo"].gold, responses["sft"].gold = verdict_scores(verdicts)
 
-    # 5. The report: per-model means, the win rate (prompt by prompt), the reward-hacking flag, the KL budget.
-    models = {name: summarize(measured[name]) for name in MODELS}
-    report = {
-        "prompts": len(examples),
+
+def build_report(config, prompts: int, responses: dict[str, Responses], external: str | None, nonfinite: int) -> dict:
+    settings, k = config.evaluate, config.evaluate.samples_per_prompt
+    models = {name: responses[name].summary() for name in MODELS}
+    return {
+        "prompts": prompts,
         "samples_per_prompt": k,
         "decoding": {
             "temperature": settings.temperature,
@@ -146,61 +227,13 @@ def run(ctx: StageContext) -> dict:
         "proxy_reward_model": f"external reward model {external}" if external else "reward stage (adapter + score head)",
         "judge": settings.judge,
         "models": models,
-        "win_rate": win_rate(per_prompt_means(measured["ppo"]["gold"], k), per_prompt_means(measured["sft"]["gold"], k)),
+        "win_rate": win_rate(per_prompt_means(responses["ppo"].gold, k), per_prompt_means(responses["sft"].gold, k)),
         "reward_hacking": reward_hacking(
             models["sft"]["proxy_reward"], models["ppo"]["proxy_reward"], models["sft"]["gold_reward"], models["ppo"]["gold_reward"]
         ),
         "kl_budget": config.ppo.kl_budget,
         "kl_within_budget": models["ppo"]["kl"] <= config.ppo.kl_budget,
         "nonfinite_samples": nonfinite,
-    }
-    samples = sample_rows(row_examples, measured, k)
-
-    # 6. Optional: lm-evaluation-harness on both models (needs the lm_eval package; never installed for you).
-    report["lm_eval"] = run_lm_eval(settings, ctx.inputs["sft"] / "merged", ctx.inputs["ppo"] / "policy", config)
-
-    # 7. Save: report.json, samples.jsonl, the training curves, report.md; the same to wandb.
-    (ctx.out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    with (ctx.out_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
-        for row in samples:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    metrics_files = {stage: ctx.inputs[stage] / "metrics.jsonl" for stage in ("sft", "reward", "ppo")}
-    plots = draw_plots(metrics_files, ctx.out_dir / "plots")
-    (ctx.out_dir / "report.md").write_text(markdown_report(report, samples, plots, settings.num_samples), encoding="utf-8")
-    summary = flat_summary(report)
-    if process_rank() == 0:
-        log_to_wandb(ctx, summary, samples, plots)
-    console.print(summary_table(report), markup=False)
-    return summary
-
-
-# --- prompts and models -------------------------------------------------------------------------
-
-
-def load_eval_examples(path: Path, count: int) -> list[tuple[list[dict], str]]:
-    """(prompt conversation, reference answer) for the first `count` rows of the eval split."""
-    examples = [(messages[:-1], messages[-1]["content"]) for messages in read_conversations(path)][:count]
-    if not examples:
-        raise UserError(f"{path}: no held-out prompts to evaluate on")
-    return examples
-
-
-# --- generation ---------------------------------------------------------------------------------
-
-
-# --- aggregation and outputs --------------------------------------------------------------------
-
-
-def summarize(record: dict[str, list]) -> dict:
-    def mean(values):
-        return sum(values) / len(values) if values else 0.0
-
-    return {
-        "proxy_reward": mean(record["proxy"]),
-        "gold_reward": mean(record["gold"]),
-        "kl": mean(record["kl"]),
-        "response_length": mean(record["length"]),
-        "eos_fraction": mean([float(f) for f in record["finished"]]),
     }
 
 
@@ -210,23 +243,37 @@ def per_prompt_means(values: list[float], samples_per_prompt: int) -> list[float
     return [sum(values[i : i + k]) / k for i in range(0, len(values), k)]
 
 
-def sample_rows(row_examples, measured, samples_per_prompt: int) -> list[dict]:
+def sample_rows(rows: list[Example], responses: dict[str, Responses], samples_per_prompt: int) -> list[dict]:
     """One row per (prompt, sample): both models' responses and measures side by side."""
-    rows = []
-    for i, (prompt, reference) in enumerate(row_examples):
+    table = []
+    for i, (prompt, reference) in enumerate(rows):
         row = {"prompt": prompt[-1]["content"], "reference": reference, "sample": i % samples_per_prompt}
         for name in MODELS:
-            record = measured[name]
+            r = responses[name]
             row |= {
-                f"{name}_response": record["text"][i],
-                f"{name}_proxy": round(record["proxy"][i], 4),
-                f"{name}_gold": round(record["gold"][i], 4),
-                f"{name}_kl": round(record["kl"][i], 4),
-                f"{name}_length": record["length"][i],
-                f"{name}_finished": record["finished"][i],
+                f"{name}_response": r.text[i],
+                f"{name}_proxy": round(r.proxy[i], 4),
+                f"{name}_gold": round(r.gold[i], 4),
+                f"{name}_kl": round(r.kl[i], 4),
+                f"{name}_length": r.length[i],
+                f"{name}_finished": r.finished[i],
             }
-        rows.append(row)
-    return rows
+        table.append(row)
+    return table
+
+
+def save(ctx: StageContext, report: dict, samples: list[dict]) -> dict:
+    """report.json, samples.jsonl, plots/, report.md, wandb; the manifest's metrics."""
+    (ctx.out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_jsonl(ctx.out_dir / "samples.jsonl", samples)
+    metrics_files = {stage: ctx.inputs[stage] / "metrics.jsonl" for stage in ("sft", "reward", "ppo")}
+    plots = draw_plots(metrics_files, ctx.out_dir / "plots")
+    (ctx.out_dir / "report.md").write_text(markdown_report(report, samples, plots, ctx.config.evaluate.num_samples), encoding="utf-8")
+    summary = flat_summary(report)
+    if process_rank() == 0:
+        log_to_wandb(ctx, summary, samples, plots)
+    console.print(summary_table(report), markup=False)
+    return summary
 
 
 def flat_summary(report: dict) -> dict:

@@ -22,7 +22,7 @@ from transformers import GenerationConfig
 
 from rlhf.chat_format import ChatFormat
 from rlhf.config import EMBEDDED_MODEL
-from rlhf.data_builders.instructions import read_conversations
+from rlhf.data_builders.json_files import read_conversations
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.report import shipped_gap_line, summary_table
 from rlhf.runner import StageContext
@@ -141,6 +141,22 @@ def set_generation_config(model, tokenizer, decoding: dict) -> None:
 # --- the model card -----------------------------------------------------------------------------
 
 
+USAGE = [
+    "## Use",
+    "",
+    "```python",
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    "",
+    'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/model")',
+    'model = AutoModelForCausalLM.from_pretrained("PATH/TO/model")',
+    'ids = tokenizer.apply_chat_template([{"role": "user", "content": "Give me one tip for sleeping well."}],',
+    "                                    add_generation_prompt=True, return_tensors='pt', return_dict=True)",
+    "print(tokenizer.decode(model.generate(**ids)[0][ids['input_ids'].shape[1]:], skip_special_tokens=True))",
+    "```",
+    "",
+]
+
+
 def model_card(ctx: StageContext, report: dict, shipped_gap: dict | None = None) -> str:
     config = ctx.config
     base = config.model.name_or_path
@@ -163,18 +179,7 @@ def model_card(ctx: StageContext, report: dict, shipped_gap: dict | None = None)
         "fine-tuning (LoRA) and then PPO against a learned reward model, by rlhf-pipeline. The LoRA adapters are "
         "merged: this folder is a plain transformers model.",
         "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/model")',
-        'model = AutoModelForCausalLM.from_pretrained("PATH/TO/model")',
-        'ids = tokenizer.apply_chat_template([{"role": "user", "content": "Give me one tip for sleeping well."}],',
-        "                                    add_generation_prompt=True, return_tensors='pt', return_dict=True)",
-        "print(tokenizer.decode(model.generate(**ids)[0][ids['input_ids'].shape[1]:], skip_special_tokens=True))",
-        "```",
-        "",
+        *USAGE,
         "The generation config holds the decoding it was evaluated with "
         f"(temperature {report['decoding']['temperature']:g}, top_p {report['decoding']['top_p']:g}, "
         f"max_new_tokens {report['decoding']['max_new_tokens']}). `../adapter/` is the PPO policy alone, a LoRA "

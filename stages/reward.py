@@ -62,37 +62,8 @@ def run(ctx: StageContext) -> dict:
     resume = last_checkpoint(checkpoints)
     history = StageHistory(ctx.work_dir, resumed_step(resume))  # metrics.jsonl of every attempt
     stop = SaveAndStopOnSigterm(ctx.sigterm)
-    args = RewardConfig(
-        **trainer_arguments(settings, config, checkpoints, "reward", wandb_run is not None),
-        center_rewards_coefficient=settings.center_rewards_coefficient,
-        disable_dropout=True,
-    )
-    trainer = GuardedRewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=peft_lora_config(config.lora, task_type="SEQ_CLS"),
-        callbacks=[MetricsFileCallback(history.metrics), MarkCheckpointComplete(), stop],
-        stage="reward",
-    )
-    # TRL drops pairs whose chosen or rejected conversation is longer than reward.max_length: count them.
-    too_long = {
-        "train_dropped_too_long": len(train) - len(trainer.train_dataset),
-        "eval_dropped_too_long": len(evaluation) - len(trainer.eval_dataset),
-    }
-    if any(too_long.values()):
-        console.print(
-            f"reward: dropped {too_long['train_dropped_too_long']} training and {too_long['eval_dropped_too_long']} "
-            f"held-out pairs longer than reward.max_length={settings.max_length} tokens"
-        )
-    for name, prepared in (("training", trainer.train_dataset), ("held-out", trainer.eval_dataset)):
-        if not len(prepared):
-            raise UserError(
-                f"reward: every {name} pair is longer than reward.max_length={settings.max_length} tokens: "
-                "raise reward.max_length"
-            )
+    trainer = build_trainer(config, model, tokenizer, (train, evaluation), checkpoints, history, stop, wandb_run is not None)
+    too_long = count_too_long(trainer, len(train), len(evaluation), settings.max_length)
     eval_pairs = len(trainer.eval_dataset)
 
     # 2. Train; held-out pairwise accuracy and margin before and after.
@@ -117,14 +88,7 @@ def run(ctx: StageContext) -> dict:
     processes, main_process = trainer.args.world_size, trainer.is_world_process_zero()
     del trainer, model
     if main_process:
-        (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # pickled: publish safetensors only
-        tokenizer.save_pretrained(adapter_dir)
-        # The score head as saved with the adapter (PEFT's modules_to_save): whole, whatever the sharding.
-        score = load_file(adapter_dir / "adapter_model.safetensors")["base_model.model.score.weight"]
-        save_file({"weight": score.float().contiguous()}, ctx.out_dir / "score_head.safetensors")
-        load = lambda path, model_config: load_reward_model(path, model_config, tokenizer)  # noqa: E731
-        save_merged(load, backbone, adapter_dir, ctx.out_dir / "model", config)
-        history.publish(ctx.out_dir)
+        publish(ctx, tokenizer, backbone, history)
     result = {
         "eval_accuracy": after["eval_accuracy"],
         "eval_margin": after["eval_margin"],
@@ -139,6 +103,56 @@ def run(ctx: StageContext) -> dict:
         wandb_run.summary.update(result)
         wandb_run.finish()
     return result
+
+
+def build_trainer(config, model, tokenizer, data, checkpoints, history: StageHistory, stop, wandb: bool) -> RewardTrainer:
+    """TRL's RewardTrainer with LoRA (a score head trained whole), dropout off, checkpoints marked complete."""
+    args = RewardConfig(
+        **trainer_arguments(config.reward, config, checkpoints, "reward", wandb),
+        center_rewards_coefficient=config.reward.center_rewards_coefficient,
+        disable_dropout=True,
+    )
+    return GuardedRewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=data[0],
+        eval_dataset=data[1],
+        processing_class=tokenizer,
+        peft_config=peft_lora_config(config.lora, task_type="SEQ_CLS"),
+        callbacks=[MetricsFileCallback(history.metrics), MarkCheckpointComplete(), stop],
+        stage="reward",
+    )
+
+
+def count_too_long(trainer, train_pairs: int, eval_pairs: int, max_length: int) -> dict:
+    """TRL drops pairs whose chosen or rejected conversation is longer than reward.max_length: count them,
+    and stop in one line when nothing is left of a split."""
+    too_long = {
+        "train_dropped_too_long": train_pairs - len(trainer.train_dataset),
+        "eval_dropped_too_long": eval_pairs - len(trainer.eval_dataset),
+    }
+    if any(too_long.values()):
+        console.print(
+            f"reward: dropped {too_long['train_dropped_too_long']} training and {too_long['eval_dropped_too_long']} "
+            f"held-out pairs longer than reward.max_length={max_length} tokens"
+        )
+    for name, prepared in (("training", trainer.train_dataset), ("held-out", trainer.eval_dataset)):
+        if not len(prepared):
+            raise UserError(f"reward: every {name} pair is longer than reward.max_length={max_length} tokens: raise reward.max_length")
+    return too_long
+
+
+def publish(ctx: StageContext, tokenizer, backbone: str, history: StageHistory) -> None:
+    """Beside the saved adapter: the tokenizer, the score head alone, a standalone merged model, the history."""
+    adapter_dir = ctx.out_dir / "adapter"
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # pickled: publish safetensors only
+    tokenizer.save_pretrained(adapter_dir)
+    # The score head as saved with the adapter (PEFT's modules_to_save): whole, whatever the sharding.
+    score = load_file(adapter_dir / "adapter_model.safetensors")["base_model.model.score.weight"]
+    save_file({"weight": score.float().contiguous()}, ctx.out_dir / "score_head.safetensors")
+    load = lambda path, model_config: load_reward_model(path, model_config, tokenizer)  # noqa: E731
+    save_merged(load, backbone, adapter_dir, ctx.out_dir / "model", ctx.config)
+    history.publish(ctx.out_dir)
 
 
 class GuardedRewardTrainer(StopOnNonFinite, RewardTrainer):

@@ -13,11 +13,11 @@ from rich.console import Console
 from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
-from rlhf.data_builders.instructions import read_conversations
+from rlhf.data_builders.json_files import read_conversations
 from rlhf.errors import UserError
 from rlhf.models import load_causal_lm, load_tokenizer, peft_lora_config, resolve_model
 from rlhf.runner import StageContext
-from rlhf.tracking import MetricsFile, MetricsFileCallback, StageHistory, start_wandb
+from rlhf.tracking import MetricsFileCallback, StageHistory, start_wandb
 from rlhf.training import (
     MarkCheckpointComplete,
     SaveAndStopOnSigterm,
@@ -46,20 +46,7 @@ def run(ctx: StageContext) -> dict:
     resume = last_checkpoint(checkpoints)
     history = StageHistory(ctx.work_dir, resumed_step(resume))  # metrics.jsonl of every attempt
     stop = SaveAndStopOnSigterm(ctx.sigterm)
-    args = SFTConfig(
-        **trainer_arguments(settings, config, checkpoints, "sft", wandb_run is not None),
-        completion_only_loss=True,
-    )
-    trainer = SFTTrainerPlainLossOnCPU(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=peft_lora_config(config.lora),
-        callbacks=[MetricsFileCallback(history.metrics), MarkCheckpointComplete(), stop],
-        stage="sft",
-    )
+    trainer = build_trainer(config, model, tokenizer, (train, evaluation), checkpoints, history, stop, wandb_run is not None)
     too_long = count_too_long(
         tokenizer, settings.max_length, train=(train, trainer.train_dataset), eval=(evaluation, trainer.eval_dataset)
     )
@@ -100,10 +87,25 @@ def run(ctx: StageContext) -> dict:
     }
 
 
+def build_trainer(config, model, tokenizer, data, checkpoints, history: StageHistory, stop, wandb: bool) -> SFTTrainer:
+    """TRL's SFTTrainer with LoRA, the loss on completions only, checkpoints marked complete."""
+    args = SFTConfig(**trainer_arguments(config.sft, config, checkpoints, "sft", wandb), completion_only_loss=True)
+    return SFTTrainerPlainLossOnCPU(
+        model=model,
+        args=args,
+        train_dataset=data[0],
+        eval_dataset=data[1],
+        processing_class=tokenizer,
+        peft_config=peft_lora_config(config.lora),
+        callbacks=[MetricsFileCallback(history.metrics), MarkCheckpointComplete(), stop],
+        stage="sft",
+    )
+
+
 class SFTTrainerPlainLossOnCPU(StopOnNonFinite, SFTTrainer):
     """TRL computes the loss through a tiled LM head that is fast with Triton on a GPU; its CPU
-    fallback makes a training step ~25x slower (77 s vs 3 s for SmolLM2-135M, batch 8). On the CPU,
-    take the model's own cross-entropy (labels already mask the prompt) instead."""
+    fallback makes a training step many times slower (README, "Benchmarks": bench/sft_vs_trl.py). On the
+    CPU, take the model's own cross-entropy (labels already mask the prompt) instead."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.use_cpu:

@@ -8,7 +8,7 @@ from fake_openai_server import fake_openai_server
 
 from rlhf.config import PipelineConfig
 from rlhf.dag import STAGES
-from rlhf.data_builders.instructions import NEW_TASK_PROMPT, parse_instruction
+from rlhf.data_builders.self_instruct import NEW_TASK_PROMPT, parse_instruction
 from rlhf.errors import UserError
 from rlhf.runner import decide, run_pipeline
 

@@ -11,14 +11,18 @@ import pytest
 import torch
 from families import FAMILIES, build_family_model
 from test_reward_readout import rollout_of
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from rlhf.chat_format import ChatFormat
 from rlhf.cli import main
 from rlhf.config import load_config
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.reward.judges import Candidate, RewardModelJudge
-from rlhf.stages import ppo
+from rlhf.roles import Roles, build_actor_critic
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
 STAGES = ("instructions", "sft", "preferences", "reward", "ppo", "evaluate", "export")
@@ -87,8 +91,8 @@ def test_the_reward_readout_agrees_everywhere(family_run):
         [Candidate(p, r, f) for p, r, f in zip(prompts, responses, finished)]
     )
     backbone = load_causal_lm(str(run_dir / "sft" / "merged"), config.model)
-    model, value_head, reward_head = ppo.build_actor_critic(backbone, run_dir / "reward", config)
-    roles = ppo.Roles(model.eval(), value_head, reward_head, [], ChatFormat.of(tokenizer, backbone))
+    model, value_head, reward_head = build_actor_critic(backbone, run_dir / "reward", config)
+    roles = Roles(model.eval(), value_head, reward_head, [], ChatFormat.of(tokenizer, backbone))
     with torch.no_grad():
         in_ppo = roles.scores(rollout_of(roles.chat, prompts, responses, finished))
     assert torch.allclose(torch.tensor(judged), standalone, atol=1e-4)

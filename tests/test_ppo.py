@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,20 @@ from rlhf.chat_format import ChatFormat
 from rlhf.cli import main
 from rlhf.config import load_config
 from rlhf.generation import Sampling
-from rlhf.models import enable_checkpointing_with_grad, load_causal_lm, load_tokenizer, resolve_model
+from rlhf.models import (
+    enable_checkpointing_with_grad,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model,
+)
+from rlhf.ppo_math import logprobs_from_logits
+from rlhf.roles import Roles, build_actor_critic
+from rlhf.rollout import (
+    by_prompt_length,
+    generate_rollout,
+    in_micro_batches,
+    reward_sequences,
+)
 from rlhf.stages import ppo
 from rlhf.training import NonFiniteTraining
 
@@ -47,18 +61,18 @@ def curve(run_dir: Path) -> list[dict]:
 def setup_roles(run_dir: Path, quantization: str = "none", dtype: str = "auto"):
     config = load_config(SMOKE, [f"output_dir={run_dir}", f"model.quantization={quantization}", f"model.dtype={dtype}"])
     backbone = load_causal_lm(str(run_dir / "sft" / "merged"), config.model)
-    model, value_head, reward_head = ppo.build_actor_critic(backbone, run_dir / "reward", config)
+    model, value_head, reward_head = build_actor_critic(backbone, run_dir / "reward", config)
     trainable = [p for n, p in model.named_parameters() if ".policy." in n or ".value." in n]
     chat = ChatFormat.of(load_tokenizer(str(run_dir / "sft" / "merged")), backbone)
-    roles = ppo.Roles(model.eval(), value_head, reward_head, trainable, chat)
-    prompts = ppo.load_prompts(run_dir / "instructions" / "train.jsonl", chat, 4, 0)
+    roles = Roles(model.eval(), value_head, reward_head, trainable, chat)
+    prompts = ppo.load_prompts(run_dir / "instructions" / "train.jsonl", chat, 4, 0)[0]
     rollout = sample(roles, prompts, config.ppo)
     return roles, rollout, config
 
 
 def sample(roles, prompts, settings, **changes):
     settings = settings.model_copy(update=changes)
-    return ppo.generate_rollout(
+    return generate_rollout(
         roles, [p.ids for p in prompts], max_new_tokens=settings.max_new_tokens, sampling=ppo.ppo_sampling(settings)
     )
 
@@ -76,14 +90,14 @@ def test_reference_is_the_sft_model_not_the_base(upstream):
     roles, rollout, config = setup_roles(upstream)
     with torch.no_grad():
         reference = roles.reference_logprobs(rollout, Sampling(1.0))
-        mask = rollout["mask"]
+        mask = rollout.mask
 
         def logprobs_of(model) -> torch.Tensor:
-            context = rollout["context_length"]
+            context = rollout.context_length
             logits = model(
-                input_ids=rollout["input_ids"], attention_mask=rollout["attention_mask"], position_ids=rollout["position_ids"]
+                input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids
             ).logits[:, context - 1 : -1]
-            return ppo.logprobs_from_logits(logits.float(), rollout["input_ids"][:, context:])
+            return logprobs_from_logits(logits.float(), rollout.input_ids[:, context:])
 
         sft = logprobs_of(AutoModelForCausalLM.from_pretrained(upstream / "sft" / "merged").eval())
         base = logprobs_of(AutoModelForCausalLM.from_pretrained(resolve_model("tiny-random-llama")).eval())
@@ -100,12 +114,12 @@ def test_value_and_reward_start_from_the_reward_model(upstream):
     reward_model.config.pad_token_id = roles.chat.tokenizer.pad_token_id
     with torch.no_grad():
         expected = torch.tensor(
-            [reward_model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in ppo.reward_sequences(rollout, roles.chat)]
+            [reward_model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in reward_sequences(rollout, roles.chat)]
         )
         scores = roles.scores(rollout)
         values = roles.values(rollout)
     assert torch.allclose(scores, expected, atol=1e-4)
-    assert values.shape == rollout["mask"].shape
+    assert values.shape == rollout.mask.shape
     # The value head starts as the reward model's score head.
     assert torch.equal(roles.value_head.weight, roles.reward_head.weight)
 
@@ -120,16 +134,16 @@ def target_token_reward(monkeypatch, run_dir: Path) -> float:
     row = {"messages": [{"role": "user", "content": "Give one tip."}, {"role": "assistant", "content": "Rest."}]}
     (run_dir / "instructions" / "train.jsonl").write_text((json.dumps(row) + "\n") * 64)
     roles, _, config = setup_roles(run_dir)
-    prompt = ppo.load_prompts(run_dir / "instructions" / "train.jsonl", roles.chat, 1, 0)
+    prompt = ppo.load_prompts(run_dir / "instructions" / "train.jsonl", roles.chat, 1, 0)[0]
     torch.manual_seed(0)
     rollout = sample(roles, prompt * 64, config.ppo, max_new_tokens=1)
-    first_tokens = rollout["input_ids"][:, -1]
+    first_tokens = rollout.input_ids[:, -1]
     target = first_tokens.mode().values
 
     def scores(self, rollout):
-        return 5.0 * (rollout["input_ids"][:, rollout["context_length"]] == target).float()
+        return 5.0 * (rollout.input_ids[:, rollout.context_length] == target).float()
 
-    monkeypatch.setattr(ppo.Roles, "scores", scores)
+    monkeypatch.setattr(Roles, "scores", scores)
     return (first_tokens == target).float().mean().item()
 
 
@@ -269,17 +283,17 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(upstream):
             for layer in backbone.model.layers:
                 original = layer._gradient_checkpointing_func
                 layer._gradient_checkpointing_func = lambda *a, _f=original, **k: (checkpointed.append(1), _f(*a, **k))[1]
-        model, value_head, reward_head = ppo.build_actor_critic(backbone, upstream / "reward", config)
+        model, value_head, reward_head = build_actor_critic(backbone, upstream / "reward", config)
         named = [(n, p) for n, p in model.named_parameters() if ".policy." in n or ".value." in n]
         trainable = [p for _, p in named]
-        roles = ppo.Roles(model.eval(), value_head, reward_head, trainable, ChatFormat.of(tokenizer, backbone))
-        prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", roles.chat, 4, 0)
+        roles = Roles(model.eval(), value_head, reward_head, trainable, ChatFormat.of(tokenizer, backbone))
+        prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", roles.chat, 4, 0)[0]
         sampled = sample(roles, prompts, config.ppo)
         assert not checkpointed  # no checkpointing while sampling
         rollout = rollout or sampled  # score the same rollout both times
         logprobs, _ = roles.policy_logprobs(rollout, Sampling(1.0))
         values = roles.values(rollout)
-        mask = rollout["mask"]
+        mask = rollout.mask
         loss = -(logprobs * mask).sum() + ((values - 1.0) ** 2 * mask).sum()
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in named if p.grad is not None}))
@@ -299,14 +313,14 @@ def test_rollout_logprobs_equal_a_forward_of_the_policy(upstream, temperature, d
     match a full forward of the policy over the finished sequences (greedy: at temperature 1). In
     bfloat16 the two round differently: a log-prob of -3.5 is a logit gap near 0.06 apart in its spacing."""
     roles, _, config = setup_roles(upstream, dtype=dtype)
-    prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", roles.chat, 6, 1)
+    prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", roles.chat, 6, 1)[0]
     assert len({len(p.ids) for p in prompts}) > 1  # the test needs left padding
     rollout = sample(roles, prompts, config.ppo, temperature=temperature)
     with torch.no_grad():
         forward, _ = roles.policy_logprobs(rollout, Sampling(temperature))
-    mask = rollout["mask"]
+    mask = rollout.mask
     assert mask.sum() > 0
-    gap = (rollout["logprobs"] - forward * mask).abs()
+    gap = (rollout.logprobs - forward * mask).abs()
     assert gap.max() <= largest and gap.sum() / mask.sum() <= mean, (gap.max(), gap.sum() / mask.sum())
 
 
@@ -330,9 +344,9 @@ def test_update_gradients_equal_one_backward_of_the_summed_loss(upstream, monkey
 
     roles, rollout, config = setup_roles(upstream)
     settings = config.ppo.model_copy(update={"ppo_epochs": 1, "mini_batch_size": 4, "micro_batch_size": 2, "max_grad_norm": 1e9})
-    rows, width = rollout["mask"].shape
+    rows, width = rollout.mask.shape
     generator = torch.Generator().manual_seed(0)
-    old_logprobs = rollout["logprobs"] - 0.05 * torch.rand(rows, width, generator=generator)
+    old_logprobs = rollout.logprobs - 0.05 * torch.rand(rows, width, generator=generator)
     with torch.no_grad():
         old_values = roles.values(rollout) + 0.1
     advantages = torch.randn(rows, width, generator=generator)
@@ -340,8 +354,8 @@ def test_update_gradients_equal_one_backward_of_the_summed_loss(upstream, monkey
 
     expected = {id(p): torch.zeros_like(p) for p in roles.trainable}
     for micro in torch.arange(rows).split(2):
-        part = ppo.micro_batch(rollout, micro)
-        mask = part["mask"]
+        part = rollout.rows(micro)
+        mask = part.mask
         logprobs, _ = roles.policy_logprobs(part, ppo.ppo_sampling(settings))
         values = roles.values(part)
         policy_loss = ppo.ppo_policy_loss(logprobs, old_logprobs[micro], advantages[micro], mask, settings.clip_range)[0]
@@ -360,7 +374,8 @@ def test_update_gradients_equal_one_backward_of_the_summed_loss(upstream, monkey
     releases = []
     monkeypatch.setattr(ppo, "release_freed_memory", lambda: releases.append(1))
     torch.manual_seed(0)  # the update shuffles rows: with 4 rows in one minibatch, the sum is the same
-    ppo.ppo_update(Accelerator(cpu=True), roles, optimizer, rollout, old_logprobs, old_values, advantages, returns, settings, 1)
+    scored = ppo.ScoredRollout(None, None, old_values, None, None, advantages, returns)
+    ppo.ppo_update(Accelerator(cpu=True), roles, optimizer, replace(rollout, logprobs=old_logprobs), scored, settings, 1)
     assert len(releases) == 2 * 2  # freed memory released before each gradient forward: 2 micro-batches
     assert sum(g.abs().sum() > 0 for g in expected.values()) > len(expected) // 3  # policy B, value A and B, head
     for key, grad in expected.items():
@@ -372,14 +387,14 @@ def test_micro_batches_drop_shared_padding_and_score_the_same(upstream):
     """Scoring and the update run on micro-batches of rows with similar prompt lengths, cut to the left
     padding they share: the same log-probs, values and scores as the whole padded rollout."""
     roles, _, config = setup_roles(upstream)
-    prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", roles.chat, 6, 1)
+    prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", roles.chat, 6, 1)[0]
     rollout = sample(roles, prompts, config.ppo)
     lengths = [len(p.ids) for p in prompts]
-    order = ppo.by_prompt_length(rollout, torch.arange(len(prompts)))
+    order = by_prompt_length(rollout, torch.arange(len(prompts)))
     assert [lengths[i] for i in order] == sorted(lengths)
-    shortest = ppo.micro_batch(rollout, order[:2])
-    assert shortest["context_length"] == max(lengths[i] for i in order[:2]) < max(lengths)
-    assert shortest["input_ids"].shape[1] == rollout["input_ids"].shape[1] - (max(lengths) - shortest["context_length"])
+    shortest = rollout.rows(order[:2])
+    assert shortest.context_length == max(lengths[i] for i in order[:2]) < max(lengths)
+    assert shortest.input_ids.shape[1] == rollout.input_ids.shape[1] - (max(lengths) - shortest.context_length)
     with torch.no_grad():
         for name, forward in [
             ("reference", lambda part: roles.reference_logprobs(part, Sampling(0.7))),
@@ -387,5 +402,5 @@ def test_micro_batches_drop_shared_padding_and_score_the_same(upstream):
             ("scores", roles.scores),
         ]:
             whole = forward(rollout)
-            in_parts = ppo.in_micro_batches(forward, rollout, 2)
+            in_parts = in_micro_batches(forward, rollout, 2)
             assert torch.allclose(in_parts, whole, atol=1e-5), name

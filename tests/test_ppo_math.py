@@ -1,4 +1,4 @@
-"""rlhf.stages.ppo_math against numbers worked out by hand (the arithmetic is in the comments).
+"""rlhf.ppo_math against numbers worked out by hand (the arithmetic is in the comments).
 
 Tiny tensors throughout (B <= 3, T <= 4, V = 3). Padding positions often hold garbage (nan, inf, huge
 values) on purpose: a masked-out entry must never reach a result or a gradient.
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from rlhf.stages.ppo_math import (
+from rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     clip_scores,

@@ -16,8 +16,9 @@ from rlhf.cli import main
 from rlhf.config import load_config
 from rlhf.models import load_causal_lm, load_tokenizer, peft_lora_config
 from rlhf.reward.judges import Candidate, RewardModelJudge
-from rlhf.reward.readout import classifier_scores
-from rlhf.stages import ppo
+from rlhf.reward.readout import attach_reward_adapter, classifier_scores
+from rlhf.roles import Roles, build_actor_critic
+from rlhf.rollout import Rollout, in_micro_batches
 from rlhf.stages.reward import load_pairs, tokenize_pairs
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
@@ -36,8 +37,8 @@ def upstream(tmp_path_factory) -> Path:
     return run_dir
 
 
-def rollout_of(chat: ChatFormat, prompts, responses, finished, device="cpu") -> dict:
-    """A rollout as ppo.generate_rollout builds one, from given tokens: finished responses end with EOS."""
+def rollout_of(chat: ChatFormat, prompts, responses, finished, device="cpu") -> Rollout:
+    """A rollout as generate_rollout builds one, from given tokens: finished responses end with EOS."""
     pad = chat.tokenizer.pad_token_id
     prompt_ids = [chat.prompt_ids(p) for p in prompts]
     response_ids = [
@@ -48,10 +49,10 @@ def rollout_of(chat: ChatFormat, prompts, responses, finished, device="cpu") -> 
     input_ids = torch.tensor([[pad] * (width - len(p)) + p + r + [pad] * (length - len(r)) for p, r in zip(prompt_ids, response_ids)])
     attention = torch.tensor([[0] * (width - len(p)) + [1] * (len(p) + len(r)) + [0] * (length - len(r)) for p, r in zip(prompt_ids, response_ids)])
     mask = torch.tensor([[1.0] * len(r) + [0.0] * (length - len(r)) for r in response_ids])
-    return {
-        "input_ids": input_ids, "attention_mask": attention, "position_ids": (attention.cumsum(1) - 1).clamp(min=0),
-        "context_length": width, "mask": mask, "finished": torch.tensor(finished),
-    }
+    return Rollout(
+        input_ids=input_ids, attention_mask=attention, position_ids=(attention.cumsum(1) - 1).clamp(min=0),
+        context_length=width, mask=mask, finished=torch.tensor(finished),
+    )
 
 
 def test_every_stage_reads_the_reward_model_where_the_trainer_trained_it(upstream):
@@ -89,16 +90,16 @@ def test_every_stage_reads_the_reward_model_where_the_trainer_trained_it(upstrea
     judged = torch.tensor(judge.scores([Candidate(p, r, f) for p, r, f in zip(prompts, responses, finished)]))
     # 3. ppo: the reward adapter on the shared backbone, on sampled-form tokens (finished ones end with EOS).
     backbone = load_causal_lm(str(upstream / "sft" / "merged"), config.model)
-    model, value_head, reward_head = ppo.build_actor_critic(backbone, upstream / "reward", config)
-    roles = ppo.Roles(model.eval(), value_head, reward_head, [], ChatFormat.of(tokenizer, backbone))
+    model, value_head, reward_head = build_actor_critic(backbone, upstream / "reward", config)
+    roles = Roles(model.eval(), value_head, reward_head, [], ChatFormat.of(tokenizer, backbone))
     rollout = rollout_of(roles.chat, prompts, responses, finished)
     with torch.no_grad():
-        in_ppo = ppo.in_micro_batches(roles.scores, rollout, 2)
+        in_ppo = in_micro_batches(roles.scores, rollout, 2)
     # 4. evaluate: a policy adapter loaded, the reward adapter attached beside it.
     backbone = load_causal_lm(str(upstream / "sft" / "merged"), config.model)
     model = get_peft_model(backbone, peft_lora_config(config.lora), adapter_name="policy")
-    head = ppo.attach_reward_adapter(model, upstream / "reward")
-    evaluate_roles = ppo.Roles(model.eval(), None, head, [], roles.chat)
+    head = attach_reward_adapter(model, upstream / "reward")
+    evaluate_roles = Roles(model.eval(), None, head, [], roles.chat)
     with torch.no_grad():
         in_evaluate = evaluate_roles.scores(rollout)
 

@@ -150,18 +150,22 @@ def test_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path):
 
 
 def test_code_version_covers_the_shared_code_a_stage_imports(monkeypatch):
-    from rlhf import runner
+    from rlhf import fingerprint
 
-    used = runner._rlhf_modules_used_by("rlhf.stages.ppo")
-    assert {"rlhf.stages.ppo", "rlhf.stages.ppo_math", "rlhf.models"} <= used
-    before, sft_before = runner.code_hash("rlhf.stages.ppo"), runner.code_hash("rlhf.stages.sft")
-    original = runner._module_source
+    used = fingerprint._rlhf_modules_used_by("rlhf.stages.ppo")
+    assert {"rlhf.stages.ppo", "rlhf.ppo_math", "rlhf.roles", "rlhf.rollout", "rlhf.models"} <= used
+    before, sft_before = fingerprint.code_hash("rlhf.stages.ppo"), fingerprint.code_hash("rlhf.stages.sft")
+    original = fingerprint._module_source
     monkeypatch.setattr(
-        runner, "_module_source", lambda name: original(name) + (b"# edited" if name == "rlhf.stages.ppo_math" else b"")
+        fingerprint, "_module_source", lambda name: original(name) + (b"# edited" if name == "rlhf.ppo_math" else b"")
     )
-    assert runner.code_hash("rlhf.stages.ppo") != before  # an edit to the math makes ppo stale
-    assert runner.code_hash("rlhf.stages.sft") == sft_before  # sft does not import the PPO math
+    assert fingerprint.code_hash("rlhf.stages.ppo") != before  # an edit to the math makes ppo stale
+    assert fingerprint.code_hash("rlhf.stages.sft") == sft_before  # sft does not import the PPO math
     monkeypatch.setattr(
-        runner, "_module_source", lambda name: original(name) + (b"# edited" if name == "rlhf.runner" else b"")
+        fingerprint, "_module_source", lambda name: original(name) + (b"# edited" if name == "rlhf.runner" else b"")
     )
-    assert runner.code_hash("rlhf.stages.ppo") == before  # the framework is not part of a stage's code
+    assert fingerprint.code_hash("rlhf.stages.ppo") == before  # the framework is not part of a stage's code
+    monkeypatch.setattr(
+        fingerprint, "_module_source", lambda name: original(name) + (b"# edited" if name == "rlhf.fingerprint" else b"")
+    )
+    assert fingerprint.code_hash("rlhf.stages.ppo") == before

@@ -1,68 +1,34 @@
-"""The preferences stage: preference pairs for the reward model, imported or generated and judged.
-
-- import: a user's dataset (reading and shapes in preference_import.py).
-- generate (AI feedback): for instructions from the instruction dataset, sample K responses from the
-  SFT model, score them with a judge, and keep (best, worst) when the judge's margin is large enough.
-Outputs: `train.jsonl` and `eval.jsonl` with conversational prompt/chosen/rejected rows, `stats.json`.
+"""Preference pairs generated with AI feedback: for instructions of the instruction dataset, sample K
+responses from the SFT model, score them with a judge (rlhf.reward.judges), and keep (best, worst) when
+the judge's margin is large enough.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
 
+from rlhf.chat_format import ChatFormat
 from rlhf.config import PipelineConfig
-from rlhf.data_builders.instructions import read_conversations, write_jsonl
-from rlhf.data_builders.preference_import import load_preference_pairs, pair_to_row
+from rlhf.data_builders.json_files import read_conversations
 from rlhf.data_builders.teacher import build_teacher
 from rlhf.errors import UserError
-from rlhf.generation import generate_chat, prompt_lengths
-from rlhf.models import load_causal_lm, load_tokenizer, prompt_budget
+from rlhf.generation import generate_chat
+from rlhf.models import fits_context, load_causal_lm, load_tokenizer
 from rlhf.reward.judges import Candidate, LLMJudge, RewardModelJudge, RubricJudge
-from rlhf.runner import StageContext
 
 console = Console(highlight=False, soft_wrap=True)
 
 
-def run(ctx: StageContext) -> dict:
-    config, settings = ctx.config, ctx.config.preferences
-
-    # 1. Pairs: the user's, or generated from the SFT model and judged.
-    if settings.source == "import":
-        if not settings.path:
-            raise UserError("preferences.path: required when preferences.source is import")
-        imported = load_preference_pairs(settings.path)
-        rows = [pair_to_row(pair) for pair in imported.pairs]
-        stats = {"source": imported.source, "shape": imported.shape, "dropped": dict(imported.dropped)}
-    else:
-        rows, stats = generate_pairs(ctx)
-
-    # 2. Split: a held-out eval set for the reward model's pairwise accuracy.
-    if len(rows) <= settings.num_eval:
-        raise UserError(
-            f"preferences: {len(rows)} pairs (dropped: {stats['dropped']}) are too few for "
-            f"preferences.num_eval={settings.num_eval} held-out pairs plus a training set"
-        )
-    random.Random(config.seed).shuffle(rows)
-    eval_rows, train_rows = rows[: settings.num_eval], rows[settings.num_eval :]
-    write_jsonl(ctx.out_dir / "train.jsonl", train_rows)
-    write_jsonl(ctx.out_dir / "eval.jsonl", eval_rows)
-
-    # 3. Stats.
-    stats.update(pairs=len(rows), train=len(train_rows), eval=len(eval_rows), **length_stats(rows))
-    (ctx.out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
-    console.print(f"preferences: {len(rows)} pairs (train {len(train_rows)}, eval {len(eval_rows)}), dropped {stats['dropped']}")
-    return {k: stats[k] for k in ("pairs", "train", "eval", "mean_margin") if k in stats}
-
-
-def generate_pairs(ctx: StageContext) -> tuple[list[dict], dict]:
-    config, settings = ctx.config, ctx.config.preferences
-    prompts = sample_prompts(ctx.inputs["instructions"] / "train.jsonl", settings.num_prompts, config.seed)
-    groups, too_long = sample_responses(ctx.inputs["sft"] / "merged", prompts, config)
+def generate_pairs(config: PipelineConfig, instructions: Path, model_dir: Path) -> tuple[list[dict], dict]:
+    """(best, worst) pairs of the model's samples for prompts of the instruction split, by the judge that
+    `preferences.judge` names; and the stats (drops by reason, mean margin)."""
+    settings = config.preferences
+    prompts = sample_prompts(instructions, settings.num_prompts, config.seed)
+    groups, too_long = sample_responses(model_dir, prompts, config)
     dropped: Counter = Counter({"prompt_too_long": too_long} if too_long else {})
     rows: list[dict] = []
     margins: list[float] = []
@@ -129,18 +95,11 @@ def sample_responses(
     settings = config.preferences
     tokenizer = load_tokenizer(str(model_dir), config.model.trust_remote_code)
     model = load_causal_lm(str(model_dir), config.model, quantize=False).eval()
-    budget = prompt_budget(model, settings.max_new_tokens, "preferences.max_new_tokens")
-    if budget is not None:
-        fits = [length <= budget for length in prompt_lengths(tokenizer, [prompt for prompt, _ in prompts])]
-        too_long = len(prompts) - sum(fits)
-        if too_long:
-            console.print(
-                f"preferences: dropped {too_long} of {len(prompts)} prompts longer than {budget} tokens "
-                f"(the model's context minus preferences.max_new_tokens={settings.max_new_tokens})"
-            )
-        prompts = [p for p, fit in zip(prompts, fits) if fit]
-    else:
-        too_long = 0
+    chat = ChatFormat.of(tokenizer, model)
+    fits = fits_context(model, [chat.prompt_ids(prompt) for prompt, _ in prompts], settings.max_new_tokens,
+                        "preferences.max_new_tokens", "preferences")
+    too_long = len(prompts) - sum(fits)
+    prompts = [p for p, fit in zip(prompts, fits) if fit]
     k = settings.samples_per_prompt
     console.print(f"preferences: sampling {k} responses for each of {len(prompts)} prompts from {model_dir}")
     generations = generate_chat(

@@ -1,6 +1,4 @@
-"""The instructions stage: seed instructions → (self-instruct expansion) → train/eval chat datasets.
-
-Self-instruct (Wang et al. 2022), adapted to chat teachers: each round shows the teacher a few
+"""Self-instruct (Wang et al. 2022), adapted to chat teachers: each round shows the teacher a few
 instructions sampled from the pool and asks for a new one, answers the candidates that pass the
 instruction filters, filters again on the answers, and adds the survivors to the pool, until the pool
 holds `num_instructions` or `max_rounds` have run.
@@ -8,22 +6,14 @@ holds `num_instructions` or `max_rounds` have run.
 
 from __future__ import annotations
 
-import json
 import random
 import re
-from collections import Counter
-from pathlib import Path
 
 from rich.console import Console
 
 from rlhf.config import PipelineConfig
-from rlhf.dag import seeds_path
 from rlhf.data_builders.filters import InstructionFilter
-from rlhf.data_builders.json_files import iter_json_records, json_type_name, read_utf8
-from rlhf.data_builders.seeds import Seed, load_seeds
-from rlhf.data_builders.teacher import build_teacher
-from rlhf.errors import UserError
-from rlhf.runner import StageContext
+from rlhf.data_builders.seeds import Seed
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -35,50 +25,7 @@ NEW_TASK_PROMPT = (
 _NUMBERING = re.compile(r"^\s*(?:\d+[.)]|[-*•]|instruction\s*\d*\s*:|task\s*\d*\s*:|new instruction\s*:)\s*", re.I)
 
 
-def run(ctx: StageContext) -> dict:
-    config = ctx.config
-    settings = config.instructions
-
-    # 1. Seeds, and the teacher that answers and expands them.
-    seeds = load_seeds(seeds_path(config))
-    console.print(f"instructions: {len(seeds)} seeds from {seeds_path(config)}")
-    rng = random.Random(config.seed)
-    if len(seeds) > settings.num_instructions:
-        seeds = rng.sample(seeds, settings.num_instructions)
-    needs_teacher = settings.expand and len(seeds) < settings.num_instructions
-    needs_teacher = needs_teacher or any(s.output is None for s in seeds)
-    teacher = build_teacher(settings.teacher, config.model) if needs_teacher else None
-
-    # 2. Seeds without a reference output get the teacher's answer.
-    examples = _answer_missing_outputs(seeds, teacher, config)
-
-    # 3. Expand self-instruct style until the pool is large enough.
-    stats: dict = {"seeds": len(seeds), "candidates": 0, "kept": 0, "dropped": Counter(), "rounds": 0}
-    if settings.expand and teacher is not None:
-        examples += expand(examples, teacher, config, rng, stats)
-
-    # 4. Split, held-out eval first so it never depends on how many were generated.
-    if len(examples) <= settings.num_eval:
-        raise UserError(
-            f"instructions: only {len(examples)} instructions, need more than instructions.num_eval={settings.num_eval}"
-        )
-    order = list(range(len(examples)))
-    random.Random(config.seed).shuffle(order)
-    eval_rows = [examples[i] for i in order[: settings.num_eval]]
-    train_rows = [examples[i] for i in order[settings.num_eval :]]
-    write_jsonl(ctx.out_dir / "train.jsonl", train_rows)
-    write_jsonl(ctx.out_dir / "eval.jsonl", eval_rows)
-    stats.update(train=len(train_rows), eval=len(eval_rows), target=settings.num_instructions)
-    stats["dropped"] = dict(stats["dropped"])
-    (ctx.out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
-    console.print(
-        f"instructions: {stats['kept']} kept of {stats['candidates']} generated, dropped {stats['dropped']}; "
-        f"train {len(train_rows)}, eval {len(eval_rows)}"
-    )
-    return {k: stats[k] for k in ("seeds", "candidates", "kept", "train", "eval")}
-
-
-def _answer_missing_outputs(seeds: list[Seed], teacher, config: PipelineConfig) -> list[dict]:
+def answer_missing_outputs(seeds: list[Seed], teacher, config: PipelineConfig) -> list[dict]:
     missing = [s for s in seeds if s.output is None]
     answers = {}
     if missing:
@@ -165,38 +112,3 @@ def example(prompt: str, answer: str, source: str) -> dict:
 
 def _numbered(items: list[str]) -> str:
     return "\n".join(f"{i}. {item}" for i, item in enumerate(items, 1))
-
-
-def read_conversations(path: Path) -> list[list[dict]]:
-    """The `messages` of every row of an instruction split (train.jsonl / eval.jsonl): each a list of
-    {"role", "content"} messages ending with the assistant's answer. A bad row is a UserError naming
-    the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: instruction split not found (run the instructions stage)")
-    conversations = [_conversation(record.value, record.where) for record in iter_json_records(path, read_utf8(path))]
-    if not conversations:
-        raise UserError(f'{path}: expected at least one row with "messages", found none')
-    return conversations
-
-
-def _conversation(row: object, where: str) -> list[dict]:
-    if not isinstance(row, dict) or "messages" not in row:
-        got = "an object without it" if isinstance(row, dict) else json_type_name(row)
-        raise UserError(f'{where}: expected an object with a "messages" list, got {got}')
-    messages = row["messages"]
-    if not isinstance(messages, list) or len(messages) < 2:
-        got = f"{len(messages)} message(s)" if isinstance(messages, list) else json_type_name(messages)
-        raise UserError(f'{where}: expected "messages" to be a list of at least 2 messages (prompt, answer), got {got}')
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
-            raise UserError(f'{where}: expected "messages[{index}]" to be an object with string "role" and "content"')
-    if messages[-1]["role"] != "assistant":
-        raise UserError(f'{where}: expected the last message to be the assistant\'s answer, got role "{messages[-1]["role"]}"')
-    return messages
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")

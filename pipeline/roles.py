@@ -1,0 +1,112 @@
+"""The four roles of RLHF as views of one backbone: what lets a 7B pipeline fit on one GPU.
+
+One copy of the merged SFT backbone carries LoRA adapters:
+- policy: the trainable `policy` adapter (zero-initialised, so at step 0 it equals the reference);
+- reference: the backbone with adapters disabled, which is the SFT model (merged, never the pre-SFT base);
+- reward: the frozen `reward` adapter and score head from the reward stage, read where the reward model
+  was trained to read (rlhf.reward.readout);
+- value: the trainable `value` adapter and value head, initialised from the reward model (from zero with
+  an external reward model, whose weights do not fit this backbone).
+Every log-prob comes from the model's own logits (its forward, with Gemma 2's softcapping or Cohere's
+logit scale) through rlhf.generation.sampling_scores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+from rlhf.chat_format import ChatFormat
+from rlhf.generation import Sampling, sampling_scores
+from rlhf.models import peft_lora_config
+from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
+from rlhf.reward.readout import attach_reward_adapter, last_token_batch
+from rlhf.rollout import Rollout, reward_sequences
+
+TRAINABLE_ADAPTERS = ("policy", "value")
+
+
+def build_actor_critic(backbone, reward_dir: Path, config, external: bool = False):
+    """Wrap the backbone with the policy, value and (unless the reward model is external) reward adapters;
+    return it with the value and reward heads (None for an external reward model)."""
+    model = get_peft_model(backbone, peft_lora_config(config.lora), adapter_name="policy")
+    hidden = backbone.config.get_text_config().hidden_size
+    device = next(backbone.parameters()).device
+    value_head = torch.nn.Linear(hidden, 1, bias=False).to(device)
+    if external:  # nothing to start the critic from: a fresh adapter and a head that says 0
+        model.add_adapter("value", peft_lora_config(config.lora))
+        torch.nn.init.zeros_(value_head.weight)
+        return model, value_head, None
+    reward_head = attach_reward_adapter(model, reward_dir, names=("reward", "value"))
+    with torch.no_grad():
+        value_head.weight.copy_(reward_head.weight)
+    return model, value_head, reward_head
+
+
+class Roles:
+    """Forward passes for each role: the same backbone with a different adapter switched on."""
+
+    def __init__(self, model, value_head, reward_head, trainable, chat: ChatFormat):
+        self.model, self.value_head, self.reward_head, self.trainable = model, value_head, reward_head, trainable
+        self.chat = chat
+
+    def use(self, adapter: str) -> None:
+        # PEFT's set_adapter also flips requires_grad: freeze everything, then re-enable what we train.
+        self.model.base_model.set_adapter(adapter, inference_mode=True)
+        for parameter in self.trainable:
+            parameter.requires_grad_(True)
+
+    def _hidden(self, batch) -> torch.Tensor:
+        inner = self.model.get_base_model().base_model  # the transformer body, without the LM head
+        return inner(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).last_hidden_state
+
+    def _response_logits(self, rollout: Rollout) -> torch.Tensor:
+        """[B, T, V]: the model's own logits for each response token, from its forward (so with whatever
+        it does after the LM head: Gemma 2's final softcapping, Cohere's and Granite's logit scaling).
+        Hidden state t predicts token t+1: only the last T + 1 positions go through the LM head (with a
+        49k vocabulary, the prompt's logits would cost more than the backbone)."""
+        output = self.model(
+            input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids,
+            logits_to_keep=rollout.responses.shape[1] + 1, use_cache=False,
+        )
+        return output.logits[:, :-1]
+
+    def policy_logprobs(self, rollout: Rollout, sampling: Sampling):
+        """([B, T] log-probs of the response tokens under the sampling distribution, [B, T] its entropy):
+        the update's forward."""
+        self.use("policy")
+        scores = sampling_scores(self._response_logits(rollout), sampling)
+        with torch.no_grad():  # logged, not trained on: no [B, T, V] softmax kept for the backward
+            entropy = entropy_from_logits(scores.detach())
+        return logprobs_from_logits(scores, rollout.responses), entropy
+
+    def reference_logprobs(self, rollout: Rollout, sampling: Sampling) -> torch.Tensor:
+        """[B, T] log-probs of the response tokens under the reference's full distribution at the sampling
+        temperature (never truncated: see rlhf.stages.ppo's docstring)."""
+        with self.model.disable_adapter():  # the merged SFT model itself
+            scores = sampling_scores(self._response_logits(rollout), Sampling(sampling.temperature))
+        return logprobs_from_logits(scores, rollout.responses)
+
+    def values(self, rollout: Rollout) -> torch.Tensor:
+        """[B, T]: the value of the state before each response token."""
+        self.use("value")
+        hidden = self._hidden(rollout)[:, rollout.context_length - 1 : -1]
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def scores(self, rollout: Rollout) -> torch.Tensor:
+        """[B]: the reward adapter's score of each response, read as the reward model was trained to read
+        it: at the last token of prompt + response + (the end of turn, when finished)."""
+        self.use("reward")
+        batch = last_token_batch(reward_sequences(rollout, self.chat), self.chat.tokenizer.pad_token_id, rollout.mask.device)
+        hidden = self._hidden(batch)
+        at_last = hidden[torch.arange(hidden.shape[0]), batch.last]
+        return self.reward_head(at_last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
+
+    def weights_checksum(self) -> float:
+        """A fingerprint of the trained weights, to check that every process ended with the same ones."""
+        return float(sum(p.detach().double().sum() + p.detach().double().abs().sum() * 1e-3 for p in self.trainable))
+
+    def value_head_weight(self) -> torch.Tensor:
+        return self.value_head.weight.detach().float().cpu().contiguous()
