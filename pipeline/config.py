@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rlhf.errors import UserError
 
@@ -192,6 +192,15 @@ class PPOConfig(Section):
     score_clip: float | None = Field(None, gt=0)
     whiten_rewards: bool = False
     # Advantages and losses.
+    advantage_estimator: Literal["gae", "rloo", "grpo", "reinforce_baseline"] = "gae"
+    """gae: PPO with a learned critic (a value adapter and head on the backbone). rloo, grpo and
+    reinforce_baseline are critic-free (rlhf.ppo_math.group_advantages): each prompt's
+    `samples_per_prompt` responses are each other's baseline, and no value adapter, head or forward exists."""
+    samples_per_prompt: int = Field(1, gt=0)
+    """Responses per prompt in a rollout: rollout_batch_size / samples_per_prompt prompts, each sampled this
+    many times."""
+    grpo_scale_by_std: bool = True
+    """grpo divides by the group's std (GRPO); false leaves it out (Dr. GRPO)."""
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     clip_range: float = Field(0.2, gt=0)
@@ -205,6 +214,18 @@ class PPOConfig(Section):
     # Memory.
     gradient_checkpointing: bool = False
     """Recompute the backbone's activations in the backward pass of the update instead of keeping them."""
+
+    @model_validator(mode="after")
+    def _groups_fit(self):
+        k = self.samples_per_prompt
+        if self.advantage_estimator != "gae" and k < 2:
+            raise ValueError(
+                f"advantage_estimator {self.advantage_estimator} needs samples_per_prompt >= 2 (its baseline is the other "
+                f"responses to the same prompt), got {k}"
+            )
+        if self.rollout_batch_size % k:
+            raise ValueError(f"rollout_batch_size {self.rollout_batch_size} is not a multiple of samples_per_prompt {k}")
+        return self
 
 
 class EvaluateConfig(Section):

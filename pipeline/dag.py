@@ -66,7 +66,7 @@ STAGES: list[Stage] = [
         module="rlhf.stages.ppo",
         reads=("seed", "model", "lora", "ppo", "launch.num_processes"),
         upstream=("instructions", "sft", "reward"),
-        outputs=("policy", "value", "metrics.jsonl", "samples.jsonl"),
+        outputs=("policy", "metrics.jsonl", "samples.jsonl"),  # plus value/ with a critic (advantage_estimator gae)
         checkpoints=True,
         launch="data-parallel",
     ),

@@ -357,8 +357,8 @@ def plan_trainer(stage: str, shape: ModelShape, config: PipelineConfig, checkpoi
 
 
 def plan_ppo(shape: ModelShape, config: PipelineConfig, prompt: int, checkpointing: bool | None = None) -> Estimate:
-    """One backbone (quantized as configured) with policy, value and reward adapters; the peak phase of a
-    step: the rollout (sampling), the scoring forwards, or the update."""
+    """One backbone (quantized as configured) with policy, reward and (with gae) value adapters; the peak
+    phase of a step: the rollout (sampling), the scoring forwards, or the update."""
     settings = config.ppo
     checkpointing = settings.gradient_checkpointing if checkpointing is None else checkpointing
     b, quantization = compute_bytes(config), config.model.quantization
@@ -366,10 +366,12 @@ def plan_ppo(shape: ModelShape, config: PipelineConfig, prompt: int, checkpointi
     rollout, micro = settings.rollout_batch_size, settings.micro_batch_size
     lora_cast = b == 2  # float32 adapters on a 16-bit model copy their input to float32
     adapter = lora_params(shape, config)
+    critic = settings.advantage_estimator == "gae"  # the critic-free estimators have no value adapter or head
+    trained = 2 if critic else 1
     resident = {
         "weights": weight_bytes(shape, quantization, b),
-        # policy and value: float32 weights, gradients, AdamW moments; reward: frozen float32 weights
-        "adapters": adapter * 16 * 2 + adapter * 4 + 2 * shape.hidden * 4,
+        # policy (and value): float32 weights, gradients, AdamW moments; reward: frozen float32 weights; heads
+        "adapters": adapter * 16 * trained + adapter * 4 + trained * shape.hidden * 4,
     }
     phases = {
         "rollout": {

@@ -209,6 +209,43 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return adv, returns
 
 
+def group_advantages(scores: Tensor, samples_per_prompt: int, estimator: str, scale_by_std: bool = True) -> Tensor:
+    """Critic-free, sequence-level advantages from groups of K responses to the same prompt.
+
+    scores [B] with each prompt's K = `samples_per_prompt` responses in a row (B = P·K) -> [B]:
+    - rloo (Ahmadian et al. 2024): s_i − mean of the other K − 1 scores of its group;
+    - grpo (Shao et al. 2024): (s_i − group mean) / (group std + 1e-6), the std unbiased as in TRL;
+      without the division with `scale_by_std=False` (Dr. GRPO, Liu et al. 2025);
+    - reinforce_baseline (REINFORCE++-baseline, Hu 2025): s_i − group mean, then whitened over the batch.
+    """
+    k = samples_per_prompt
+    if k < 2:
+        raise ValueError(f"{estimator} needs at least 2 samples per prompt, got {k}")
+    groups = scores.reshape(-1, k)
+    mean = groups.mean(dim=1, keepdim=True)
+    if estimator == "rloo":
+        advantages = groups - (groups.sum(dim=1, keepdim=True) - groups) / (k - 1)
+    elif estimator == "grpo":
+        advantages = groups - mean
+        if scale_by_std:
+            advantages = advantages / (groups.std(dim=1, keepdim=True) + 1e-6)
+    elif estimator == "reinforce_baseline":
+        centered = (groups - mean).flatten()
+        return (centered - centered.mean()) / (centered.std() + 1e-8)
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}")
+    return advantages.flatten()
+
+
+def reward_to_go(rewards: Tensor, mask: Tensor) -> Tensor:
+    """Undiscounted returns: A_t = Σ_{t' ≥ t} r_t' over kept tokens. rewards, mask [B, T] -> [B, T], 0 at
+    masked positions. With the sequence's advantage on its last token and −β·kl on every token
+    (kl_penalty_rewards), this is the critic-free estimators' per-token advantage."""
+    keep = _keep(mask)
+    r = _zero_out(rewards, keep)
+    return _zero_out(r.flip(-1).cumsum(-1).flip(-1), keep)
+
+
 # --- losses ----------------------------------------------------------------------------------------------
 
 

@@ -28,20 +28,23 @@ from rlhf.rollout import Rollout, reward_sequences
 TRAINABLE_ADAPTERS = ("policy", "value")
 
 
-def build_actor_critic(backbone, reward_dir: Path, config, external: bool = False):
-    """Wrap the backbone with the policy, value and (unless the reward model is external) reward adapters;
-    return it with the value and reward heads (None for an external reward model)."""
+def build_actor_critic(backbone, reward_dir: Path, config, external: bool = False, critic: bool = True):
+    """Wrap the backbone with the policy, value (when there is a `critic`) and, unless the reward model is
+    external, reward adapters; return it with the value head and the reward head (None where absent)."""
     model = get_peft_model(backbone, peft_lora_config(config.lora), adapter_name="policy")
-    hidden = backbone.config.get_text_config().hidden_size
-    device = next(backbone.parameters()).device
-    value_head = torch.nn.Linear(hidden, 1, bias=False).to(device)
-    if external:  # nothing to start the critic from: a fresh adapter and a head that says 0
-        model.add_adapter("value", peft_lora_config(config.lora))
-        torch.nn.init.zeros_(value_head.weight)
+    value_head = None
+    if critic:
+        hidden = backbone.config.get_text_config().hidden_size
+        value_head = torch.nn.Linear(hidden, 1, bias=False).to(next(backbone.parameters()).device)
+    if external:
+        if critic:  # nothing to start the critic from: a fresh adapter and a head that says 0
+            model.add_adapter("value", peft_lora_config(config.lora))
+            torch.nn.init.zeros_(value_head.weight)
         return model, value_head, None
-    reward_head = attach_reward_adapter(model, reward_dir, names=("reward", "value"))
-    with torch.no_grad():
-        value_head.weight.copy_(reward_head.weight)
+    reward_head = attach_reward_adapter(model, reward_dir, names=("reward", "value") if critic else ("reward",))
+    if critic:
+        with torch.no_grad():
+            value_head.weight.copy_(reward_head.weight)
     return model, value_head, reward_head
 
 
@@ -103,6 +106,11 @@ class Roles:
         hidden = self._hidden(batch)
         at_last = hidden[torch.arange(hidden.shape[0]), batch.last]
         return self.reward_head(at_last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
+
+    @property
+    def trained_adapters(self) -> list[str]:
+        """The trainable adapters this backbone carries: policy, and value when there is a critic."""
+        return [name for name in TRAINABLE_ADAPTERS if name in self.model.peft_config]
 
     def weights_checksum(self) -> float:
         """A fingerprint of the trained weights, to check that every process ended with the same ones."""

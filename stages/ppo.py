@@ -17,7 +17,11 @@ with Gemma 2's softcapping or Cohere's logit scale), through `sampling_scores`:
   nucleus. With top_p < 1 or top_k > 0 the KL therefore includes −log(kept probability mass) per token
   from step 1 on: that is the true KL of the sampled distribution to the SFT model.
 
-Outputs: `policy/` (the policy adapter), `value/` (value adapter and `value_head.safetensors`),
+Advantages: GAE with the learned critic (`ppo.advantage_estimator: gae`, the default), or a critic-free
+estimator over groups of `ppo.samples_per_prompt` responses to one prompt (rloo, grpo,
+reinforce_baseline: rlhf.ppo_math.group_advantages), with no value adapter, head or forward at all.
+
+Outputs: `policy/` (the policy adapter), `value/` (with gae: value adapter and `value_head.safetensors`),
 `metrics.jsonl` (one line per step), `samples.jsonl` (prompts, responses and scores every N steps). Both
 files are kept beside the checkpoints while the stage runs, so a resumed run publishes every step.
 On SIGTERM the stage saves a checkpoint after the current step and exits (rlhf.preemption).
@@ -52,6 +56,7 @@ from rlhf.models import (
 from rlhf.ppo_math import (
     clip_scores,
     gae,
+    group_advantages,
     kl_controller,
     kl_k3,
     kl_penalty_rewards,
@@ -59,6 +64,7 @@ from rlhf.ppo_math import (
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
+    reward_to_go,
 )
 from rlhf.preemption import preempted
 from rlhf.reward.readout import RewardModel, read_external_reward_model
@@ -106,15 +112,16 @@ class ScoredRollout:
     """What step 3 computes for a rollout of B rows and T response tokens: [B] `scores` (the reward
     model's, after the EOS penalty and clipping); [B, T] `ref_logprobs`, `values` (before the update),
     `kl` (log π − log π_ref), `rewards` (−β·kl, plus the score on each row's last token), and GAE's
-    whitened `advantages` and `returns`."""
+    `advantages` and `returns` (GAE's, whitened; or a critic-free estimator's, `values` and `returns` then
+    None)."""
 
     scores: torch.Tensor
     ref_logprobs: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor | None
     kl: torch.Tensor
     rewards: torch.Tensor
     advantages: torch.Tensor
-    returns: torch.Tensor
+    returns: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -126,8 +133,9 @@ class UpdateStats:
     approxkl: float
     clipfrac: float
     policy_loss: float
-    value_loss: float
-    value_clipfrac: float
+    value_loss: float | None
+    value_clipfrac: float | None
+    """None without a critic."""
     entropy: float
     first_ratio_max_gap: float
 
@@ -135,7 +143,8 @@ class UpdateStats:
     def mean(cls, parts: list[UpdateStats]) -> UpdateStats:
         """Each statistic averaged over micro-batches; the largest ratio gap."""
         names = [f.name for f in fields(cls) if f.name != "first_ratio_max_gap"]
-        means = {name: sum(getattr(part, name) for part in parts) / len(parts) for name in names}
+        values = {name: [getattr(part, name) for part in parts] for name in names}
+        means = {name: None if None in v else sum(v) / len(v) for name, v in values.items()}
         return cls(**means, first_ratio_max_gap=max(part.first_ratio_max_gap for part in parts))
 
     def record(self) -> dict:
@@ -144,8 +153,7 @@ class UpdateStats:
             "policy/approxkl": self.approxkl,
             "policy/clipfrac": self.clipfrac,
             "loss/policy": self.policy_loss,
-            "loss/value": self.value_loss,
-            "val/clipfrac": self.value_clipfrac,
+            **({"loss/value": self.value_loss, "val/clipfrac": self.value_clipfrac} if self.value_loss is not None else {}),
             "policy/first_ratio_max_gap": self.first_ratio_max_gap,
         }
 
@@ -165,7 +173,7 @@ def run(ctx: StageContext) -> dict:
     rng = random.Random(config.seed + 7919 * rank)
 
     for step in range(1, settings.steps + 1):
-        prompts = sample_prompts(rng, trainer.prompts, settings.rollout_batch_size)
+        prompts = sample_prompts(rng, trainer.prompts, settings.rollout_batch_size, settings.samples_per_prompt)
         if step <= start_step:
             continue  # replay the prompt sampler so a resumed run sees the same prompts
         torch.manual_seed(config.seed * 100_003 + step + 7919 * rank)
@@ -211,8 +219,10 @@ def run(ctx: StageContext) -> dict:
     return save(ctx, trainer, history, wandb_run)
 
 
-def sample_prompts(rng: random.Random, prompts: list[Prompt], count: int) -> list[Prompt]:
-    return [prompts[i] for i in rng.sample(range(len(prompts)), min(count, len(prompts)))]
+def sample_prompts(rng: random.Random, prompts: list[Prompt], rows: int, samples_per_prompt: int) -> list[Prompt]:
+    """`rows` / K distinct prompts (fewer when there are fewer), each K = `samples_per_prompt` times in a row."""
+    count = min(rows // samples_per_prompt, len(prompts))
+    return [prompts[i] for i in rng.sample(range(len(prompts)), count) for _ in range(samples_per_prompt)]
 
 
 def ppo_sampling(settings) -> Sampling:
@@ -232,11 +242,14 @@ def set_up(ctx: StageContext) -> Trainer:
     if settings.gradient_checkpointing:  # the update keeps one layer's activations, not all of them
         enable_checkpointing_with_grad(backbone)
     external = read_external_reward_model(ctx.inputs["reward"])
-    model, value_head, reward_head = build_actor_critic(backbone, ctx.inputs["reward"], config, external=external is not None)
+    critic = settings.advantage_estimator == "gae"  # the others need no value adapter, head or forward
+    model, value_head, reward_head = build_actor_critic(
+        backbone, ctx.inputs["reward"], config, external=external is not None, critic=critic
+    )
     reward_model = RewardModel.load(external, config.model, "reward.model", settings.micro_batch_size) if external else None
     model.eval()  # no dropout: the log-probs of the update must match those of the rollout
     trainable = [p for n, p in model.named_parameters() if any(f".{a}." in n for a in TRAINABLE_ADAPTERS)]
-    trainable += list(value_head.parameters())
+    trainable += list(value_head.parameters()) if value_head is not None else []
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay, eps=settings.adam_epsilon)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / settings.steps)
     chat = ChatFormat.of(tokenizer, backbone)
@@ -272,18 +285,22 @@ def load_prompts(
 
 @torch.no_grad()
 def score(trainer: Trainer, prompts: list[Prompt], rollout: Rollout, settings) -> ScoredRollout:
-    roles, size = trainer.roles, settings.micro_batch_size
+    roles, size, mask, beta = trainer.roles, settings.micro_batch_size, rollout.mask, trainer.kl_ctl.value
     ref_logprobs = in_micro_batches(lambda part: roles.reference_logprobs(part, trainer.sampling), rollout, size)
-    values = in_micro_batches(roles.values, rollout, size)
+    values = in_micro_batches(roles.values, rollout, size) if roles.value_head is not None else None
     scores = score_rollout(roles, trainer.reward_model, prompts, rollout, size)
     if settings.missing_eos_penalty is not None:
         scores = scores - settings.missing_eos_penalty * (~rollout.finished).float()
     scores = clip_scores(scores, settings.score_clip)
-    rewards, kl = kl_penalty_rewards(scores, rollout.logprobs, ref_logprobs, rollout.mask, trainer.kl_ctl.value)
+    rewards, kl = kl_penalty_rewards(scores, rollout.logprobs, ref_logprobs, mask, beta)
+    if values is None:  # critic-free: the group baseline on the last token, −β·kl on each, summed to go
+        baselined = group_advantages(scores, settings.samples_per_prompt, settings.advantage_estimator, settings.grpo_scale_by_std)
+        advantages = reward_to_go(kl_penalty_rewards(baselined, rollout.logprobs, ref_logprobs, mask, beta)[0], mask)
+        return ScoredRollout(scores, ref_logprobs, None, kl, rewards, advantages, None)
     if settings.whiten_rewards:
-        rewards = masked_whiten(rewards, rollout.mask, shift_mean=False)
-    advantages, returns = gae(rewards, values, rollout.mask, settings.gamma, settings.lam)
-    advantages = masked_whiten(advantages, rollout.mask)
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, values, mask, settings.gamma, settings.lam)
+    advantages = masked_whiten(advantages, mask)
     return ScoredRollout(scores, ref_logprobs, values, kl, rewards, advantages, returns)
 
 
@@ -340,14 +357,17 @@ def micro_step(
     policy_loss, clipfrac, approxkl = ppo_policy_loss(logprobs, old_logprobs, scored.advantages[rows], part.mask, settings.clip_range)
     _check_finite(policy_loss, "policy loss", step)
     accelerator.backward(policy_loss * weight)
-    release_freed_memory()
-    values = roles.values(part)
-    value_loss, value_clipfrac = ppo_value_loss(values, scored.values[rows], scored.returns[rows], part.mask, settings.clip_range_value)
-    _check_finite(value_loss, "value loss", step)
-    accelerator.backward(settings.vf_coef * value_loss * weight)
+    value_loss = value_clipfrac = None
+    if scored.values is not None:
+        release_freed_memory()
+        values = roles.values(part)
+        value_loss, value_clipfrac = ppo_value_loss(values, scored.values[rows], scored.returns[rows], part.mask, settings.clip_range_value)
+        _check_finite(value_loss, "value loss", step)
+        accelerator.backward(settings.vf_coef * value_loss * weight)
     return UpdateStats(
         approxkl=float(approxkl), clipfrac=float(clipfrac), policy_loss=float(policy_loss.detach()),
-        value_loss=float(value_loss.detach()), value_clipfrac=float(value_clipfrac),
+        value_loss=None if value_loss is None else float(value_loss.detach()),
+        value_clipfrac=None if value_clipfrac is None else float(value_clipfrac),
         entropy=float(masked_mean(entropy, part.mask)), first_ratio_max_gap=float(gap),
     )
 
@@ -437,8 +457,9 @@ def save_checkpoint(checkpoints: Path, step: int, trainer: Trainer) -> None:
     directory = checkpoints / f"step-{step:06d}"
     tmp = directory.with_name(directory.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    trainer.roles.model.save_pretrained(tmp / "adapters", selected_adapters=list(TRAINABLE_ADAPTERS))
-    save_file({"weight": trainer.roles.value_head_weight()}, tmp / "value_head.safetensors")
+    trainer.roles.model.save_pretrained(tmp / "adapters", selected_adapters=trainer.roles.trained_adapters)
+    if trainer.roles.value_head is not None:
+        save_file({"weight": trainer.roles.value_head_weight()}, tmp / "value_head.safetensors")
     torch.save(
         {
             "step": step,
@@ -459,11 +480,12 @@ def load_checkpoint(checkpoints: Path, trainer: Trainer) -> int:
     if not complete:
         return 0
     directory = complete[-1]
-    for name in TRAINABLE_ADAPTERS:
+    for name in trainer.roles.trained_adapters:
         weights = load_file(directory / "adapters" / name / "adapter_model.safetensors")
         set_peft_model_state_dict(trainer.roles.model, weights, adapter_name=name)
-    with torch.no_grad():
-        trainer.roles.value_head.weight.copy_(load_file(directory / "value_head.safetensors")["weight"])
+    if trainer.roles.value_head is not None:
+        with torch.no_grad():
+            trainer.roles.value_head.weight.copy_(load_file(directory / "value_head.safetensors")["weight"])
     state = torch.load(directory / "state.pt", weights_only=True)
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
@@ -482,8 +504,9 @@ def save(ctx: StageContext, trainer: Trainer, history: StageHistory, wandb_run) 
     if accelerator.is_main_process:
         roles.model.save_pretrained(ctx.out_dir / "policy", selected_adapters=["policy"])
         roles.chat.tokenizer.save_pretrained(ctx.out_dir / "policy")
-        roles.model.save_pretrained(ctx.out_dir / "value", selected_adapters=["value"])
-        save_file({"weight": roles.value_head_weight()}, ctx.out_dir / "value" / "value_head.safetensors")
+        if roles.value_head is not None:  # the critic, to continue PPO from here
+            roles.model.save_pretrained(ctx.out_dir / "value", selected_adapters=["value"])
+            save_file({"weight": roles.value_head_weight()}, ctx.out_dir / "value" / "value_head.safetensors")
         _flatten_adapter_dirs(ctx.out_dir)
         history.publish(ctx.out_dir)
     if wandb_run:
@@ -496,6 +519,9 @@ def save(ctx: StageContext, trainer: Trainer, history: StageHistory, wandb_run) 
         "score_last": last.get("objective/scores"),
         "kl_last": last.get("objective/kl"),
         "resident_backbones": count_resident_models(),
+        "advantage_estimator": ctx.config.ppo.advantage_estimator,
+        "resident_adapters": list(roles.model.peft_config),
+        "value_head": roles.value_head is not None,
         "reward_model": f"external: {trainer.external}" if trainer.external else "reward stage adapter",
         "prompts_too_long": trainer.prompts_too_long,
         "processes": accelerator.num_processes,

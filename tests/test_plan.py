@@ -117,6 +117,10 @@ def test_ppo_peak_is_the_largest_phase(shape):
     assert estimate.parts["logits"] in (rollout_logits, scoring_logits, update_logits)
     phase = estimate.note.split("peak in the ")[1].split(";")[0]
     assert phase in ("rollout", "scoring", "update")
+    # A critic-free estimator has no value adapter, optimizer state or head.
+    grpo = load_config(SMOKE, ["lora.r=8", "ppo.rollout_batch_size=4", "ppo.micro_batch_size=2", "ppo.max_new_tokens=6",
+                               "ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=2"])
+    assert plan.plan_ppo(shape, grpo, prompt=10).parts["adapters"] == 16_384 * (16 + 4) + 64 * 4
 
 
 def test_sizes():
