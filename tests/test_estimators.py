@@ -74,3 +74,26 @@ def test_a_critic_free_policy_learns_a_programmatic_reward_without_a_value_adapt
     assert manifest["resident_adapters"] == ["policy", "reward"] and manifest["value_head"] is False
     assert not (run_dir / "ppo" / "value").exists()
     assert "loss/value" not in curve(run_dir)[-1]
+
+
+def test_a_critic_free_run_resumes_from_its_checkpoint(run_dir, monkeypatch, capsys):
+    from rlhf.stages import ppo
+
+    settings = ["ppo.steps=4", "ppo.save_every=2", "ppo.advantage_estimator=rloo", "ppo.samples_per_prompt=2"]
+    original, calls = ppo.ppo_update, {"n": 0}
+
+    def crash_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as if killed during step 3
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_update", crash_at_step_3)
+    assert run_ppo(run_dir, *settings) == 130
+    checkpoint = next((run_dir / ".work").glob("ppo-*/checkpoints/step-000002"))
+    assert sorted(p.name for p in (checkpoint / "adapters").iterdir() if p.is_dir()) == ["policy"]
+    assert not (checkpoint / "value_head.safetensors").exists()
+    monkeypatch.setattr(ppo, "ppo_update", original)
+    assert run_ppo(run_dir, *settings) == 0
+    assert "ppo: resuming after step 2" in capsys.readouterr().out
+    assert [p["step"] for p in curve(run_dir)] == [1, 2, 3, 4]
