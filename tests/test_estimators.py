@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_ppo import LEARN, SMOKE, curve, run_dir, run_ppo, target_token_reward, upstream  # noqa: F401 (fixtures)
+from test_ppo import LEARN, SMOKE, crash_ppo_at_step, curve, run_dir, run_ppo, target_token_reward, upstream  # noqa: F401 (fixtures)
 
 from rlhf.config import load_config
 from rlhf.errors import UserError
@@ -80,15 +80,7 @@ def test_a_critic_free_run_resumes_from_its_checkpoint(run_dir, monkeypatch, cap
     from rlhf.stages import ppo
 
     settings = ["ppo.steps=4", "ppo.save_every=2", "ppo.advantage_estimator=rloo", "ppo.samples_per_prompt=2"]
-    original, calls = ppo.ppo_update, {"n": 0}
-
-    def crash_at_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # as if killed during step 3
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(ppo, "ppo_update", crash_at_step_3)
+    original = crash_ppo_at_step(monkeypatch, 3)
     assert run_ppo(run_dir, *settings) == 130
     checkpoint = next((run_dir / ".work").glob("ppo-*/checkpoints/step-000002"))
     assert sorted(p.name for p in (checkpoint / "adapters").iterdir() if p.is_dir()) == ["policy"]

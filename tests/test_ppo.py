@@ -197,21 +197,25 @@ def test_large_kl_coefficient_keeps_the_policy_near_the_reference(run_dir, tmp_p
     assert sum(held_scores[-3:]) / 3 < sum(free_scores[-3:]) / 3 - 0.3, (held_scores, free_scores)
 
 
+def crash_ppo_at_step(monkeypatch, step: int):
+    """Make the ppo stage stop during `step`'s update as if killed; returns the real ppo_update."""
+    original = ppo.ppo_update
+
+    def crash(*args, **kwargs):
+        if args[-1] == step:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_update", crash)
+    return original
+
+
 def test_resume_after_a_crash_matches_an_uninterrupted_run(run_dir, tmp_path, monkeypatch, capsys):
     settings = ["ppo.steps=4", "ppo.save_every=2", "ppo.learning_rate=1e-3"]
     uninterrupted = Path(shutil.copytree(run_dir, tmp_path / "uninterrupted"))
     assert run_ppo(uninterrupted, *settings) == 0
 
-    original = ppo.ppo_update
-    calls = {"n": 0}
-
-    def crash_at_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # as if killed during step 3
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(ppo, "ppo_update", crash_at_step_3)
+    original = crash_ppo_at_step(monkeypatch, 3)
     assert run_ppo(run_dir, *settings) == 130
     assert not (run_dir / "ppo").exists()
     assert list((run_dir / ".work").glob("ppo-*/checkpoints/step-000002/COMPLETE"))
