@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -140,12 +140,12 @@ class UpdateStats:
     first_ratio_max_gap: float
 
     @classmethod
-    def mean(cls, parts: list[UpdateStats]) -> UpdateStats:
-        """Each statistic averaged over micro-batches; the largest ratio gap."""
+    def mean(cls, parts: list[UpdateStats], first_ratio_max_gap: float) -> UpdateStats:
+        """Each statistic averaged over micro-batches, with the first minibatch's ratio gap."""
         names = [f.name for f in fields(cls) if f.name != "first_ratio_max_gap"]
         values = {name: [getattr(part, name) for part in parts] for name in names}
         means = {name: None if None in v else sum(v) / len(v) for name, v in values.items()}
-        return cls(**means, first_ratio_max_gap=max(part.first_ratio_max_gap for part in parts))
+        return cls(**means, first_ratio_max_gap=first_ratio_max_gap)
 
     def record(self) -> dict:
         return {
@@ -337,7 +337,7 @@ def ppo_update(accelerator, roles: Roles, optimizer, rollout: Rollout, scored: S
             _check_finite(grad_norm, "gradient norm", step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return replace(UpdateStats.mean(measured), first_ratio_max_gap=first_ratio_gap)
+    return UpdateStats.mean(measured, first_ratio_gap)
 
 
 def micro_step(

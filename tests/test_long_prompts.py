@@ -6,7 +6,7 @@ The seeds hold three kinds of instruction, for the tiny model (a 1024-token cont
 - short: a short instruction and answer, kept everywhere;
 - long answer: a short instruction with a ~180-token answer: sft truncates it (the prompt fits);
 - long prompt: a ~1100-token instruction, longer than the model's context: sft drops it (the prompt alone
-  fills max_length), preferences and ppo drop it (no room left to answer).
+  fills max_length), preferences, ppo and evaluate drop it (no room left to answer).
 """
 
 import json
@@ -90,6 +90,14 @@ def test_reward_drops_long_pairs_and_ppo_drops_long_prompts(run_dir, tmp_path, c
     expected = kinds(run_dir / "instructions" / "train.jsonl")["long_prompt"]
     assert metrics(run_dir, "ppo")["prompts_too_long"] == expected
     assert f"ppo: dropped {expected} of 22 prompts longer than 1012 tokens" in capsys.readouterr().out
+
+    # evaluate drops held-out prompts that leave no room for evaluate.max_new_tokens, as ppo does.
+    held_out = kinds(run_dir / "instructions" / "eval.jsonl")["long_prompt"]
+    assert held_out > 0  # the split put some in eval too
+    assert main(["run", SMOKE, f"output_dir={run_dir}", "--only", "evaluate", "evaluate.num_prompts=100"]) == 0
+    rows = len((run_dir / "instructions" / "eval.jsonl").read_text().splitlines())
+    assert f"evaluate: dropped {held_out} of {rows} prompts longer than" in capsys.readouterr().out
+    assert json.loads((run_dir / "evaluate" / "report.json").read_text())["prompts"] == rows - held_out
 
 
 def test_every_pair_too_long_is_one_line(run_dir, tmp_path, capsys):
