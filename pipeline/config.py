@@ -7,6 +7,7 @@ wrong types are errors that name the file and the key (with a close-match sugges
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,6 +156,63 @@ class RewardConfig(TrainingSection):
     """Keeps rewards near zero (Eisenstein et al. 2023), which steadies PPO's reward scale."""
 
 
+_SOURCE_KEYS = {
+    "reward_model": set(),
+    "external_model": {"path"},
+    "rubric": set(),
+    "function": {"function"},
+    "http": {"url", "api_key_env", "timeout_s", "max_retries"},
+    "overlong": {"buffer"},
+}
+_SOURCE_REQUIRED = {"external_model": {"path"}, "function": {"function"}, "http": {"url"}, "overlong": {"buffer"}}
+
+
+class RewardSourceConfig(Section):
+    """One term of PPO's reward (rlhf.reward.sources): the step's score is the weighted sum of every
+    source's, and each is logged as `reward/<name>`."""
+
+    kind: Literal["reward_model", "external_model", "rubric", "function", "http", "overlong"]
+    """reward_model: the reward stage's model. external_model: a sequence-classification reward model
+    (`path`). rubric: the deterministic rubric with the train split's reference answer. function: a Python
+    function (`function: module:function`). http: a scoring server (`url`). overlong: DAPO's soft overlong
+    penalty, 0 up to ppo.max_new_tokens − `buffer` tokens, then falling linearly to −1 at the limit."""
+    weight: float = 1.0
+    name: str | None = None
+    """Its metric name, `reward/<name>`; default: the kind (a function's: its function name)."""
+    path: str | None = None
+    """external_model: a hub id or a directory."""
+    function: str | None = None
+    """function: `module:function`, importable from the working directory; called with the batch's prompts
+    (the user's instructions) and responses, two lists of str, it returns one float per response."""
+    url: str | None = None
+    """http: POST {"prompts": [...], "responses": [...]} as JSON; the answer is {"rewards": [...]} or a list."""
+    api_key_env: str | None = None
+    """http: the NAME of the environment variable holding a bearer token; the token never goes in a config."""
+    timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(2, ge=0)
+    """http: retries after a timeout, a refused connection or a 5xx/429 answer (other 4xx fail at once)."""
+    buffer: int | None = Field(None, gt=0)
+    """overlong: tokens before ppo.max_new_tokens where the penalty starts."""
+
+    @model_validator(mode="after")
+    def _keys_fit_kind(self):
+        # Keys set away from their defaults (a saved config lists every key, at its default when unused).
+        given = {k for k in self.model_fields_set - {"kind", "weight", "name"} if getattr(self, k) != type(self).model_fields[k].default}
+        if extra := sorted(given - _SOURCE_KEYS[self.kind]):
+            raise ValueError(f"{self.kind} takes no '{extra[0]}'")
+        if missing := sorted(_SOURCE_REQUIRED.get(self.kind, set()) - given):
+            raise ValueError(f"{self.kind} needs '{missing[0]}'")
+        if self.kind == "function" and not re.fullmatch(r"[\w.]+:\w+", self.function):
+            raise ValueError(f"function '{self.function}' is not of the form module:function")
+        return self
+
+    @property
+    def metric(self) -> str:
+        if self.name:
+            return self.name
+        return self.function.rpartition(":")[2] if self.kind == "function" else self.kind
+
+
 class PPOConfig(Section):
     num_prompts: int = Field(256, gt=0)
     """Instructions from the instruction dataset's train split (the eval split stays held out)."""
@@ -183,10 +241,15 @@ class PPOConfig(Section):
     model's own score, which has seen unfinished answers when the preferences were generated; set it for
     a reward model that never saw one (imported pairs, an external model)."""
     # Rewards and the KL penalty.
+    rewards: list[RewardSourceConfig] = [RewardSourceConfig(kind="reward_model")]
+    """The reward: a weighted sum of these sources (default: the reward stage's model alone)."""
     kl_coef: float = Field(0.05, ge=0)
     target_kl: float | None = Field(None, gt=0)
     """Adaptive KL (Ziegler et al. 2019): steer kl_coef so the per-sequence KL approaches this."""
     kl_horizon: int = Field(10000, gt=0)
+    kl_in: Literal["reward", "loss"] = "reward"
+    """reward: −β·(log π − log π_ref) on every token's reward (InstructGPT). loss: rewards without it and
+    β times the k3 estimate of the KL, averaged over tokens, added to the policy loss (GRPO)."""
     kl_budget: float = Field(8.0, gt=0, json_schema_extra=BOOKKEEPING)
     """The per-sequence KL the run is expected to stay under (checked in tests and evaluation)."""
     score_clip: float | None = Field(None, gt=0)
@@ -223,6 +286,11 @@ class PPOConfig(Section):
                 f"advantage_estimator {self.advantage_estimator} needs samples_per_prompt >= 2 (its baseline is the other "
                 f"responses to the same prompt), got {k}"
             )
+        if not self.rewards:
+            raise ValueError("rewards is empty: name at least one source (default: [{kind: reward_model}])")
+        names = [source.metric for source in self.rewards]
+        if duplicate := next((n for n in names if names.count(n) > 1), None):
+            raise ValueError(f"two reward sources are named '{duplicate}': give one a `name`")
         if self.rollout_batch_size % k:
             raise ValueError(f"rollout_batch_size {self.rollout_batch_size} is not a multiple of samples_per_prompt {k}")
         return self
@@ -373,13 +441,20 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         fields = _fields_at(loc[:-1])
         return f"unknown key '{key}'{_suggest(loc[:-1], loc[-1], fields)}"
-    return f"key '{key}': {error['msg']} (got {error.get('input')!r})"
+    given = error.get("input")
+    if isinstance(given, dict):  # a section's own check: its message names the keys
+        return f"key '{key}': {error['msg'].removeprefix('Value error, ')}"
+    return f"key '{key}': {error['msg']} (got {given!r})"
 
 
 def _fields_at(loc: list[str]) -> list[str]:
     model: type[BaseModel] = PipelineConfig
     for part in loc:
+        if part.isdigit():  # an item of a list of sections (ppo.rewards.0)
+            continue
         annotation = model.model_fields[part].annotation
+        if getattr(annotation, "__origin__", None) is list:
+            annotation = annotation.__args__[0]
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation

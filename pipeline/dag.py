@@ -25,6 +25,13 @@ def preference_files(config: PipelineConfig) -> list[Path]:
     return [path] if path.is_file() else []
 
 
+def reward_function_files(config: PipelineConfig) -> list[Path]:
+    """The modules of ppo's `function` reward sources: editing a reward function reruns ppo."""
+    from rlhf.reward.sources import function_files  # imports torch: only when fingerprinting
+
+    return function_files(config.ppo.rewards)
+
+
 # The training stages read launch.num_processes: every process takes its own batches (or rollouts), so
 # the process count changes what they compute. The accelerate config file (DDP or ZeRO) does not.
 STAGES: list[Stage] = [
@@ -66,6 +73,7 @@ STAGES: list[Stage] = [
         module="rlhf.stages.ppo",
         reads=("seed", "model", "lora", "ppo", "launch.num_processes"),
         upstream=("instructions", "sft", "reward"),
+        file_inputs=reward_function_files,
         outputs=("policy", "metrics.jsonl", "samples.jsonl"),  # plus value/ with a critic (advantage_estimator gae)
         checkpoints=True,
         launch="data-parallel",

@@ -174,6 +174,27 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
     return _zero_out(torch.expm1(r) - r, mask)
 
 
+def kl_loss_k3(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """The KL term of the policy loss when ppo.kl_in is loss (GRPO): k3 averaged over the kept tokens.
+
+    logprobs [B, T] (current policy, with grad), ref_logprobs [B, T], mask [B, T] -> scalar.
+    Formula: r = min(ref_logprobs − logprobs, 20), loss = mean_m(e^r − 1 − r). Its gradient with respect to
+    logprobs is 1 − e^r per token: 0 where π = π_ref, pushing log π down where π > π_ref. (The cap keeps a
+    token the policy's top-k / top-p no longer keeps, log π = −inf, finite.)
+    """
+    r = _zero_out((ref_logprobs - logprobs).clamp(max=LOG_RATIO_FLOOR), mask)
+    return masked_mean(torch.expm1(r) - r, mask)
+
+
+def overlong_penalty(lengths: Tensor, max_length: int, buffer: int) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025), a reward source (ppo.rewards kind overlong).
+
+    lengths [B] (response tokens), max_length L (ppo.max_new_tokens), buffer C -> [B]. Formula: 0 for
+    length ≤ L − C; (L − C − length) / C between, falling linearly to −1 at L; −1 from L on.
+    """
+    return ((max_length - buffer - lengths.float()) / buffer).clamp(-1.0, 0.0)
+
+
 def clip_scores(scores: Tensor, clip: float | None) -> Tensor:
     """Reward-model scores [B] clamped to [−clip, clip]; unchanged when clip is None."""
     return scores if clip is None else scores.clamp(-clip, clip)

@@ -59,6 +59,7 @@ from rlhf.ppo_math import (
     group_advantages,
     kl_controller,
     kl_k3,
+    kl_loss_k3,
     kl_penalty_rewards,
     masked_mean,
     masked_whiten,
@@ -68,6 +69,7 @@ from rlhf.ppo_math import (
 )
 from rlhf.preemption import preempted
 from rlhf.reward.readout import RewardModel, read_external_reward_model
+from rlhf.reward.sources import ScoringBatch, Source, build_sources, score_sources
 from rlhf.roles import TRAINABLE_ADAPTERS, Roles, build_actor_critic
 from rlhf.rollout import (
     Rollout,
@@ -89,6 +91,8 @@ class Prompt:
     """The conversation up to the assistant's turn (what an external reward model renders itself)."""
     ids: list[int]
     """Its tokens, with the generation prompt (rlhf.chat_format.prompt_ids)."""
+    reference: str | None = None
+    """The split's answer to it (what the rubric source compares with)."""
 
 
 @dataclass
@@ -104,24 +108,27 @@ class Trainer:
     prompts_too_long: int
     reward_model: RewardModel | None
     external: str | None
+    sources: list[Source]
     sampling: Sampling
 
 
 @dataclass(frozen=True)
 class ScoredRollout:
-    """What step 3 computes for a rollout of B rows and T response tokens: [B] `scores` (the reward
-    model's, after the EOS penalty and clipping); [B, T] `ref_logprobs`, `values` (before the update),
-    `kl` (log π − log π_ref), `rewards` (−β·kl, plus the score on each row's last token), and GAE's
-    `advantages` and `returns` (GAE's, whitened; or a critic-free estimator's, `values` and `returns` then
-    None)."""
+    """What step 3 computes for a rollout of B rows and T response tokens: [B] `scores` (the weighted sum
+    of the reward sources, after the EOS penalty and clipping; `by_source` each source's before weighting);
+    [B, T] `ref_logprobs`, `values` (before the update), `kl` (log π − log π_ref), and the `advantages` and
+    `returns` (GAE's on the per-token rewards: the score on each row's last token, and −β·kl on every
+    token when ppo.kl_in is reward; or a critic-free estimator's, `values` and `returns` then None).
+    `kl_loss_coef`: β when the KL is a loss term (ppo.kl_in loss), else 0."""
 
     scores: torch.Tensor
+    by_source: dict[str, list[float]]
     ref_logprobs: torch.Tensor
     values: torch.Tensor | None
     kl: torch.Tensor
-    rewards: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor | None
+    kl_loss_coef: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,8 @@ class UpdateStats:
     value_loss: float | None
     value_clipfrac: float | None
     """None without a critic."""
+    kl_loss: float | None
+    """The k3 KL term of the loss (ppo.kl_in loss); None when the KL is in the reward."""
     entropy: float
     first_ratio_max_gap: float
 
@@ -154,6 +163,7 @@ class UpdateStats:
             "policy/clipfrac": self.clipfrac,
             "loss/policy": self.policy_loss,
             **({"loss/value": self.value_loss, "val/clipfrac": self.value_clipfrac} if self.value_loss is not None else {}),
+            **({"loss/kl": self.kl_loss} if self.kl_loss is not None else {}),
             "policy/first_ratio_max_gap": self.first_ratio_max_gap,
         }
 
@@ -247,6 +257,7 @@ def set_up(ctx: StageContext) -> Trainer:
         backbone, ctx.inputs["reward"], config, external=external is not None, critic=critic
     )
     reward_model = RewardModel.load(external, config.model, "reward.model", settings.micro_batch_size) if external else None
+    sources = build_sources(settings.rewards, config.model, settings.max_new_tokens, settings.micro_batch_size)
     model.eval()  # no dropout: the log-probs of the update must match those of the rollout
     trainable = [p for n, p in model.named_parameters() if any(f".{a}." in n for a in TRAINABLE_ADAPTERS)]
     trainable += list(value_head.parameters()) if value_head is not None else []
@@ -266,6 +277,7 @@ def set_up(ctx: StageContext) -> Trainer:
         prompts_too_long=too_long,
         reward_model=reward_model,
         external=external,
+        sources=sources,
         sampling=ppo_sampling(settings),
     )
 
@@ -275,7 +287,7 @@ def load_prompts(
 ) -> tuple[list[Prompt], int]:
     """Up to `count` chat prompts, tokenized once, and how many were dropped: with the `model`, prompts
     that leave no room for `max_new_tokens` in its context are dropped first."""
-    prompts = [Prompt(messages[:-1], chat.prompt_ids(messages[:-1])) for messages in read_conversations(path)]
+    prompts = [Prompt(m[:-1], chat.prompt_ids(m[:-1]), m[-1]["content"]) for m in read_conversations(path)]
     fits = fits_context(model, [p.ids for p in prompts], max_new_tokens, "ppo.max_new_tokens", "ppo") if model is not None else None
     fit = prompts if fits is None else [p for p, ok in zip(prompts, fits) if ok]
     if not fit:
@@ -288,20 +300,34 @@ def score(trainer: Trainer, prompts: list[Prompt], rollout: Rollout, settings) -
     roles, size, mask, beta = trainer.roles, settings.micro_batch_size, rollout.mask, trainer.kl_ctl.value
     ref_logprobs = in_micro_batches(lambda part: roles.reference_logprobs(part, trainer.sampling), rollout, size)
     values = in_micro_batches(roles.values, rollout, size) if roles.value_head is not None else None
-    scores = score_rollout(roles, trainer.reward_model, prompts, rollout, size)
+    sourced = score_sources(trainer.sources, scoring_batch(trainer, prompts, rollout, size), mask.device)
+    scores = sourced.total
     if settings.missing_eos_penalty is not None:
         scores = scores - settings.missing_eos_penalty * (~rollout.finished).float()
     scores = clip_scores(scores, settings.score_clip)
-    rewards, kl = kl_penalty_rewards(scores, rollout.logprobs, ref_logprobs, mask, beta)
-    if values is None:  # critic-free: the group baseline on the last token, −β·kl on each, summed to go
+    reward_beta, loss_beta = (beta, 0.0) if settings.kl_in == "reward" else (0.0, beta)
+    rewards, kl = kl_penalty_rewards(scores, rollout.logprobs, ref_logprobs, mask, reward_beta)
+    scored = dict(scores=scores, by_source=sourced.by_source, ref_logprobs=ref_logprobs, kl=kl, kl_loss_coef=loss_beta)
+    if values is None:  # critic-free: the group baseline on the last token, −β·kl on each (kl_in reward), summed to go
         baselined = group_advantages(scores, settings.samples_per_prompt, settings.advantage_estimator, settings.grpo_scale_by_std)
-        advantages = reward_to_go(kl_penalty_rewards(baselined, rollout.logprobs, ref_logprobs, mask, beta)[0], mask)
-        return ScoredRollout(scores, ref_logprobs, None, kl, rewards, advantages, None)
+        advantages = reward_to_go(kl_penalty_rewards(baselined, rollout.logprobs, ref_logprobs, mask, reward_beta)[0], mask)
+        return ScoredRollout(**scored, values=None, advantages=advantages, returns=None)
     if settings.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = gae(rewards, values, mask, settings.gamma, settings.lam)
-    advantages = masked_whiten(advantages, mask)
-    return ScoredRollout(scores, ref_logprobs, values, kl, rewards, advantages, returns)
+    return ScoredRollout(**scored, values=values, advantages=masked_whiten(advantages, mask), returns=returns)
+
+
+def scoring_batch(trainer: Trainer, prompts: list[Prompt], rollout: Rollout, size: int) -> ScoringBatch:
+    """What the reward sources see; the reward stage's model scores only if a source asks for them."""
+    return ScoringBatch(
+        prompts=[p.messages for p in prompts],
+        references=[p.reference for p in prompts],
+        responses=decode_responses(trainer.roles.chat, rollout),
+        finished=rollout.finished.tolist(),
+        lengths=rollout.mask.sum(1).long().tolist(),
+        model_scores=lambda: score_rollout(trainer.roles, trainer.reward_model, prompts, rollout, size).tolist(),
+    )
 
 
 def score_rollout(roles: Roles, reward_model: RewardModel | None, prompts: list[Prompt], rollout: Rollout, size: int) -> torch.Tensor:
@@ -355,8 +381,10 @@ def micro_step(
     logprobs, entropy = roles.policy_logprobs(part, sampling)
     gap = torch.where(part.mask.bool(), (logprobs.detach() - old_logprobs).exp() - 1, 0.0).abs().max()
     policy_loss, clipfrac, approxkl = ppo_policy_loss(logprobs, old_logprobs, scored.advantages[rows], part.mask, settings.clip_range)
-    _check_finite(policy_loss, "policy loss", step)
-    accelerator.backward(policy_loss * weight)
+    kl_loss = kl_loss_k3(logprobs, scored.ref_logprobs[rows], part.mask) if settings.kl_in == "loss" else None
+    loss = policy_loss if kl_loss is None else policy_loss + scored.kl_loss_coef * kl_loss
+    _check_finite(loss, "policy loss", step)
+    accelerator.backward(loss * weight)
     value_loss = value_clipfrac = None
     if scored.values is not None:
         release_freed_memory()
@@ -368,6 +396,7 @@ def micro_step(
         approxkl=float(approxkl), clipfrac=float(clipfrac), policy_loss=float(policy_loss.detach()),
         value_loss=None if value_loss is None else float(value_loss.detach()),
         value_clipfrac=None if value_clipfrac is None else float(value_clipfrac),
+        kl_loss=None if kl_loss is None else float(kl_loss.detach()),
         entropy=float(masked_mean(entropy, part.mask)), first_ratio_max_gap=float(gap),
     )
 
@@ -401,6 +430,7 @@ def log_step(trainer: Trainer, step: int, settings, rollout: Rollout, scored: Sc
     accelerator, mask, kl = trainer.accelerator, rollout.mask, scored.kl
     kl_per_sequence = (kl * mask).sum(1)
     kl_all_ranks = accelerator.reduce(kl_per_sequence.mean().detach(), reduction="mean").item()
+    beta = trainer.kl_ctl.value  # this step's β, before the controller moves it
     trainer.kl_ctl.update(kl_all_ranks, settings.rollout_batch_size * accelerator.num_processes)
     record = {
         "step": step,
@@ -409,7 +439,8 @@ def log_step(trainer: Trainer, step: int, settings, rollout: Rollout, scored: Sc
         "objective/kl_all_ranks": kl_all_ranks,
         "objective/kl_per_token": masked_mean(kl, mask).item(),
         "objective/kl_k3": (kl_k3(rollout.logprobs, scored.ref_logprobs, mask)).sum(1).mean().item(),
-        "objective/rlhf_reward": (scored.rewards * mask).sum(1).mean().item(),  # score − β·KL per sequence
+        "objective/rlhf_reward": (scored.scores - beta * kl_per_sequence).mean().item(),
+        **{f"reward/{name}": sum(values) / len(values) for name, values in scored.by_source.items()},
         **stats.record(),
         "val/response_length": mask.sum(1).mean().item(),
         "val/eos_fraction": rollout.finished.float().mean().item(),
@@ -523,6 +554,8 @@ def save(ctx: StageContext, trainer: Trainer, history: StageHistory, wandb_run) 
         "resident_adapters": list(roles.model.peft_config),
         "value_head": roles.value_head is not None,
         "reward_model": f"external: {trainer.external}" if trainer.external else "reward stage adapter",
+        "reward_sources": [{"name": c.metric, "kind": c.kind, "weight": c.weight} for c in ctx.config.ppo.rewards],
+        "kl_in": ctx.config.ppo.kl_in,
         "prompts_too_long": trainer.prompts_too_long,
         "processes": accelerator.num_processes,
         "ranks_agree": bool((checksums == checksums[0]).all()),

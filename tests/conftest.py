@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,3 +19,21 @@ def _isolated_environment(tmp_path_factory):
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["RLHF_CPU_BF16"] = "0"  # model.dtype auto: float32 on every CPU, whatever its instructions
     yield
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory) -> Path:
+    """Every stage before ppo, run once per session on the tiny model (sft long enough to move away from
+    the base, so that "reference = SFT, not base" can be told apart). Tests read it; `run_dir` copies it."""
+    from rlhf.cli import main
+
+    run_dir = tmp_path_factory.mktemp("ppo-upstream") / "run"
+    overrides = [f"output_dir={run_dir}", "sft.max_steps=8", "sft.learning_rate=5e-3"]
+    assert main(["run", str(REPO / "configs" / "smoke.yaml"), *overrides, "--only", "instructions,sft,preferences,reward"]) == 0
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(upstream, tmp_path) -> Path:
+    """A copy of `upstream` that a test may change."""
+    return Path(shutil.copytree(upstream, tmp_path / "run"))

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_ppo import LEARN, SMOKE, crash_ppo_at_step, curve, run_dir, run_ppo, target_token_reward, upstream  # noqa: F401 (fixtures)
+from test_ppo import LEARN, SMOKE, crash_ppo_at_step, curve, run_ppo, target_token_reward
 
 from rlhf.config import load_config
 from rlhf.errors import UserError

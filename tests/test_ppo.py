@@ -35,21 +35,6 @@ from rlhf.training import NonFiniteTraining
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
 
 
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory) -> Path:
-    """Every stage before ppo, run once on the tiny model (sft long enough to move away from the base)."""
-    run_dir = tmp_path_factory.mktemp("ppo-upstream") / "run"
-    overrides = [f"output_dir={run_dir}", "sft.max_steps=8", "sft.learning_rate=5e-3"]
-    # (sft moves the policy away from the base, so that "reference = SFT, not base" can be told apart)
-    assert main(["run", SMOKE, *overrides, "--only", "instructions,sft,preferences,reward"]) == 0
-    return run_dir
-
-
-@pytest.fixture
-def run_dir(upstream, tmp_path) -> Path:
-    return Path(shutil.copytree(upstream, tmp_path / "run"))
-
-
 def run_ppo(run_dir: Path, *overrides: str) -> int:
     return main(["run", SMOKE, f"output_dir={run_dir}", "--only", "ppo", *overrides])
 
@@ -378,7 +363,7 @@ def test_update_gradients_equal_one_backward_of_the_summed_loss(upstream, monkey
     releases = []
     monkeypatch.setattr(ppo, "release_freed_memory", lambda: releases.append(1))
     torch.manual_seed(0)  # the update shuffles rows: with 4 rows in one minibatch, the sum is the same
-    scored = ppo.ScoredRollout(None, None, old_values, None, None, advantages, returns)
+    scored = ppo.ScoredRollout(scores=None, by_source={}, ref_logprobs=None, values=old_values, kl=None, advantages=advantages, returns=returns)
     ppo.ppo_update(Accelerator(cpu=True), roles, optimizer, replace(rollout, logprobs=old_logprobs), scored, settings, 1)
     assert len(releases) == 2 * 2  # freed memory released before each gradient forward: 2 micro-batches
     assert sum(g.abs().sum() > 0 for g in expected.values()) > len(expected) // 3  # policy B, value A and B, head
