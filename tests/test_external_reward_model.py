@@ -59,3 +59,18 @@ def test_evaluate_scores_each_response_in_the_reward_models_own_template(externa
     ids = reward_model.chat.reward_ids([{"role": "user", "content": "hi"}], "yes", True)
     text = reward_model.chat.tokenizer.decode(ids)
     assert text.startswith("<|begin_of_text|><|start_header_id|>system") and text.endswith("yes<|eot_id|>")
+
+
+def test_an_external_model_source_scores_as_the_reward_stages_external_model(external_run, tmp_path):
+    """ppo.rewards kind external_model loads a classifier by path and reads it as every reward model is
+    read: here the same model the reward stage names, so both sources give the same scores each step."""
+    import shutil
+
+    rm, run_dir = external_run
+    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    sources = f"ppo.rewards=[{{kind: reward_model}}, {{kind: external_model, path: '{rm}', weight: 0.5}}]"
+    assert main(["run", SMOKE, f"output_dir={copy}", "--only", "ppo", sources]) == 0
+    records = [json.loads(line) for line in (copy / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        assert record["reward/external_model"] == pytest.approx(record["reward/reward_model"], abs=1e-4)
+        assert record["objective/scores"] == pytest.approx(1.5 * record["reward/reward_model"], abs=1e-4)
