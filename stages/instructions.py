@@ -33,7 +33,7 @@ def run(ctx: StageContext) -> dict:
         seeds = rng.sample(seeds, settings.num_instructions)
     needs_teacher = settings.expand and len(seeds) < settings.num_instructions
     needs_teacher = needs_teacher or any(s.output is None for s in seeds)
-    teacher = build_teacher(settings.teacher, config.model) if needs_teacher else None
+    teacher = build_teacher(settings.teacher, config.model, config.generation, config.seed) if needs_teacher else None
 
     # 2. Seeds without a reference output get the teacher's answer.
     examples = answer_missing_outputs(seeds, teacher, config)
