@@ -227,24 +227,26 @@ def test_architecture_vllm_cannot_serve_is_one_line_error(vllm, tiny32, tmp_path
 
 
 @pytest.mark.slow
-def test_pipeline_with_vllm_ppo_and_evaluate_logs_a_small_gap(vllm, tiny32, tmp_path):
-    """Upstream stages on transformers; ppo (with the IS correction) and evaluate through one vLLM engine
-    each. On an unchanged policy (step 1: the adapter is zero) the logged gap between vLLM's sampling
-    log-probs and the trainer's is float rounding, and it stays so after updates: the engine follows the
-    synced adapter."""
+def test_pipeline_through_vllm_logs_a_small_gap_on_ppo(vllm, tiny32, tmp_path):
+    """Every stage with generation.engine vllm: the teacher, preferences, ppo (with the IS correction) and
+    evaluate each sample through one vLLM engine. On an unchanged policy (step 1: the adapter is zero) the
+    logged gap between vLLM's sampling log-probs and the trainer's is float rounding, and it stays so after
+    updates: the engine follows the synced adapter."""
     run_dir = tmp_path / "run"
-    common = [f"output_dir={run_dir}", f"model.name_or_path={tiny32}", "sft.max_steps=2", "reward.max_steps=2"]
-    assert main(["run", SMOKE, *common, "--only", "instructions,sft,preferences,reward"]) == 0
+    overrides = [f"output_dir={run_dir}", f"model.name_or_path={tiny32}", "sft.max_steps=2", "reward.max_steps=2",
+                 "generation.engine=vllm", "generation.vllm_importance_correction=2.0", "ppo.learning_rate=1e-2"]
     started = time.time()
-    vllm_run = [*common, "generation.engine=vllm", "generation.vllm_importance_correction=2.0", "ppo.learning_rate=1e-2"]
-    assert main(["run", SMOKE, *vllm_run, "--only", "ppo,evaluate"]) == 0
-    print(f"ppo + evaluate through vLLM: {time.time() - started:.1f}s")
+    assert main(["run", SMOKE, *overrides, "--only", "instructions,sft,preferences,reward,ppo,evaluate"]) == 0
+    print(f"every stage through vLLM: {time.time() - started:.1f}s")
+    assert json.loads((run_dir / "instructions" / "stats.json").read_text())["kept"] >= 1  # the teacher's, via vLLM
+    assert json.loads((run_dir / "preferences" / "stats.json").read_text())["pairs"] > 4
     records = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3
     for record in records:
         assert record["rollout/engine_logprob_gap_mean"] < 1e-3 and record["rollout/engine_logprob_gap_max"] < 1e-2
         assert 0.99 < record["rollout/is_weight_mean"] < 1.01
         assert record["policy/first_ratio_max_gap"] < 1e-3  # the old log-probs are the trainer's own
+    assert records[-1]["objective/kl"] > 0.1  # the policy moved, and the gap stayed small: the engine followed it
     manifest = json.loads((run_dir / "ppo" / "manifest.json").read_text())
     assert manifest["metrics"]["generation_engine"] == "vllm"
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
