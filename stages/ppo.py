@@ -206,7 +206,9 @@ def run(ctx: StageContext) -> dict:
         scored = score(trainer, prompts, rollout, settings)
 
         # 4. Update: several epochs over shuffled minibatches, gradient accumulation over micro-batches.
-        stats = ppo_update(trainer.accelerator, trainer.roles, trainer.optimizer, rollout, scored, settings, step, engine.weights)
+        stats = ppo_update(
+            trainer.accelerator, trainer.roles, trainer.optimizer, rollout, scored, settings, step, weights=engine.weights
+        )
         trainer.scheduler.step()
         if trainer.engine is not None:  # the next rollout samples from the updated adapter
             trainer.engine.sync_adapter(trainer.roles.model, "policy")

