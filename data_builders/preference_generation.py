@@ -99,7 +99,8 @@ def sample_responses(
 
         from rlhf.vllm_engine import VllmEngine
 
-        engine = VllmEngine(str(model_dir), config.model, config.generation, seed=config.seed)
+        unquantized = config.model.model_copy(update={"quantization": "none"})  # as the transformers path loads it
+        engine = VllmEngine(str(model_dir), unquantized, config.generation, seed=config.seed)
         chat, model_config = engine.chat, AutoConfig.from_pretrained(str(model_dir), trust_remote_code=config.model.trust_remote_code)
     else:
         tokenizer = load_tokenizer(str(model_dir), config.model.trust_remote_code)

@@ -23,7 +23,6 @@ response pair), `plots/` (PNG training curves from the sft, reward and ppo metri
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,8 +203,9 @@ def rollout_sampler(ctx: StageContext, roles: Roles, sampling: Sampling, max_new
                                  lora=policy if name == "ppo" else None)
         if name == "sft" and not sampling.truncated:
             return rollout  # its log-probs go unused: SFT's KL to itself is 0
-        with torch.no_grad(), roles.model.disable_adapter() if name == "sft" else contextlib.nullcontext():
-            own = in_micro_batches(lambda part: roles.policy_logprobs(part, sampling)[0], rollout, len(batch))
+        adapter = "policy" if name == "ppo" else None
+        with torch.no_grad():
+            own = in_micro_batches(lambda part: roles.sampled_logprobs(part, sampling, adapter), rollout, len(batch))
         return with_trainer_logprobs(rollout, own)[0]
     sample.engine = engine
     return sample
