@@ -291,3 +291,32 @@ def test_qlora_on_cpu_serves_the_backbone_unquantized_says_so_and_the_gap_shows_
     assert mean > 1e-3  # the trainer's 4-bit numerics differ by the quantization error, which the gap measures
     weights = truncated_importance_weights(trainer, rollout.logprobs, rollout.mask, cap=2.0)
     assert weights[rollout.mask.bool()].max() <= 2.0 and (weights[rollout.mask.bool()] != 1).any()
+
+
+@pytest.mark.slow
+def test_a_resumed_vllm_run_syncs_the_resumed_policy_into_the_engine(vllm, tiny32, tmp_path, monkeypatch, capsys):
+    """Killed during step 3's update and resumed from step 2's checkpoint: the new engine gets the
+    checkpoint's adapter before it samples, so the gap stays at float rounding (with the zero adapter of a
+    fresh start it would be the whole update)."""
+    from rlhf.stages import ppo
+
+    run_dir = tmp_path / "run"
+    common = [f"output_dir={run_dir}", f"model.name_or_path={tiny32}", "sft.max_steps=2", "reward.max_steps=2"]
+    assert main(["run", SMOKE, *common, "--only", "instructions,sft,preferences,reward"]) == 0
+    settings = [*common, "generation.engine=vllm", "ppo.steps=4", "ppo.save_every=2", "ppo.learning_rate=2e-2", "--only", "ppo"]
+    original = ppo.ppo_update
+
+    def crash(*args, **kwargs):
+        if args[-1] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_update", crash)
+    assert main(["run", SMOKE, *settings]) == 130
+    monkeypatch.setattr(ppo, "ppo_update", original)
+    assert main(["run", SMOKE, *settings]) == 0
+    assert "ppo: resuming after step 2" in capsys.readouterr().out
+    records = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[2]["objective/kl"] > 0.05  # the resumed policy is not the reference
+    assert all(r["rollout/engine_logprob_gap_max"] < 1e-2 for r in records)
