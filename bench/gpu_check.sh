@@ -13,6 +13,10 @@
 # bench/wheels: torch, vllm, deepspeed and the project's dependencies), installed with --no-index:
 # the GPU machine reaches no registry. Budget: under 8 minutes with installs (the model is 0.5B; each
 # engine's run is a few optimizer steps of each stage at the config's lengths).
+#
+# Settings (environment, defaults for the GPU day): CONFIG, SHAPE, PROMPT_TOKENS (256), PPO_STEPS (3), SIZES,
+# WORK (runs/gpu-check), WHEELS, PYTHON; DEEPSPEED=0 leaves out the DeepSpeed step and REQUIRE_CUDA=0 the
+# GPU check, for a rehearsal on a CPU with a tiny shape (tests/test_gpu_check.py does one, slow).
 set -euo pipefail
 
 DRY_RUN=0
@@ -22,13 +26,16 @@ cd "$ROOT"
 WHEELS="${WHEELS:-bench/wheels}"
 WORK="${WORK:-runs/gpu-check}"
 PYTHON="${PYTHON:-python3}"
-CONFIG=configs/qwen2.5-0.5b.yaml
-SHAPE=configs/model_shapes/qwen2.5-0.5b-instruct.json
+CONFIG="${CONFIG:-configs/qwen2.5-0.5b.yaml}"
+SHAPE="${SHAPE:-configs/model_shapes/qwen2.5-0.5b-instruct.json}"
 ZERO2=configs/accelerate/deepspeed_zero2.yaml
 PPO_STEPS="${PPO_STEPS:-3}"
+PROMPT_TOKENS="${PROMPT_TOKENS:-256}"
+DEEPSPEED="${DEEPSPEED:-1}"
+REQUIRE_CUDA="${REQUIRE_CUDA:-1}"
 # The run's sizes, shrunk from the config's so both engines and DeepSpeed fit the budget; the lengths
 # (max_length, max_new_tokens) stay the config's: they set the memory the planner estimates.
-SIZES=(ppo.rollout_batch_size=16 ppo.num_prompts=16 evaluate.num_prompts=2 evaluate.samples_per_prompt=2)
+read -ra SIZES <<< "${SIZES:-ppo.rollout_batch_size=16 ppo.num_prompts=16 evaluate.num_prompts=2 evaluate.samples_per_prompt=2}"
 
 for file in "$CONFIG" "$SHAPE" "$ZERO2" bench/plan_vs_measured.py bench/gpu_check_report.py; do
   [[ -f "$file" ]] || { echo "gpu_check: missing $file" >&2; exit 1; }
@@ -45,15 +52,22 @@ if (( DRY_RUN )); then
   [[ -d "$WHEELS" ]] && echo "gpu_check: $WHEELS holds $(ls "$WHEELS" | wc -l) files" || echo "gpu_check: $WHEELS absent (a GPU run needs it unless torch, vllm and deepspeed are installed)"
 fi
 missing=()
-for module in torch vllm deepspeed rlhf; do
+modules=(torch vllm rlhf)
+(( DEEPSPEED )) && modules+=(deepspeed)
+for module in "${modules[@]}"; do
   if (( DRY_RUN )) || ! "$PYTHON" -c "import $module" 2>/dev/null; then missing+=("$module"); fi
 done
-if (( ${#missing[@]} )); then
-  echo "gpu_check: to install if absent: ${missing[*]}"
-  run "$PYTHON" -m pip install --no-index --find-links "$WHEELS" torch vllm deepspeed
+echo "gpu_check: missing here: ${missing[*]:-none}"
+packages=()
+for module in "${missing[@]}"; do [[ "$module" != rlhf ]] && packages+=("$module"); done
+if (( ${#packages[@]} )); then
+  echo "gpu_check: installing ${packages[*]}"
+  run "$PYTHON" -m pip install --no-index --find-links "$WHEELS" "${packages[@]}"
+fi
+if [[ " ${missing[*]} " == *" rlhf "* ]]; then
   run "$PYTHON" -m pip install --no-index --find-links "$WHEELS" --no-build-isolation -e ".[test]"
 fi
-if (( ! DRY_RUN )); then
+if (( ! DRY_RUN && REQUIRE_CUDA )); then
   "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('gpu_check:', torch.cuda.get_device_name(0), f'{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB')"
 fi
 
@@ -61,19 +75,21 @@ fi
 for engine in hf vllm; do
   echo "== engine $engine"
   run "$PYTHON" bench/plan_vs_measured.py "$CONFIG" --model-config "$SHAPE" --work "$WORK/$engine" \
-    --ppo-steps "$PPO_STEPS" --with-evaluate --prompt-tokens 256 "${SIZES[@]}" "generation.engine=$engine"
+    --ppo-steps "$PPO_STEPS" --with-evaluate --prompt-tokens "$PROMPT_TOKENS" "${SIZES[@]}" "generation.engine=$engine"
 done
 
 # 3. sft and reward again through DeepSpeed ZeRO-2 (one process), on the hf run's model and data.
-echo "== deepspeed zero2: sft, reward"
-run "$PYTHON" -m rlhf.cli run "$WORK/hf/config.yaml" "output_dir=$WORK/deepspeed" \
-  "launch.accelerate_config=$ZERO2" --only instructions,sft,preferences,reward
+if (( DEEPSPEED )); then
+  echo "== deepspeed zero2: sft, reward"
+  run "$PYTHON" -m rlhf.cli run "$WORK/hf/config.yaml" "output_dir=$WORK/deepspeed" \
+    "launch.accelerate_config=$ZERO2" --only instructions,sft,preferences,reward
+fi
 
 # 4. The report: per stage time and peak, rollout tokens/s per engine, plan vs measured, the last line.
 if (( DRY_RUN )); then
-  echo "+ $PYTHON bench/gpu_check_report.py $WORK"
+  echo "+ $PYTHON bench/gpu_check_report.py $WORK $PROMPT_TOKENS"
   echo "gpu_check: dry run, nothing measured"
   echo "vllm_speedup=n/a plan_worst_ratio=n/a"
 else
-  "$PYTHON" bench/gpu_check_report.py "$WORK"
+  "$PYTHON" bench/gpu_check_report.py "$WORK" "$PROMPT_TOKENS"
 fi

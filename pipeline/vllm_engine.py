@@ -157,7 +157,8 @@ class VllmEngine:
     def sample(self, prompts: list[list[int]], sampling, max_new_tokens: int, seed: int, lora=None,
                description: str | None = None) -> list[Sample]:
         """One response per token-id prompt, in order. Row i is drawn with seed `seed + i`, so a result
-        depends only on (seed, prompts, settings), and repeated prompts get different samples."""
+        depends only on (seed, prompts, settings), and repeated prompts get different samples. `lora`: a
+        LoRA request (`adapter`); default: the adapter last synced (none before a sync: the served model)."""
         from vllm.inputs import TokensPrompt
 
         self.wake()

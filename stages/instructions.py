@@ -14,7 +14,7 @@ from rlhf.dag import seeds_path
 from rlhf.data_builders.json_files import write_jsonl
 from rlhf.data_builders.seeds import load_seeds
 from rlhf.data_builders.self_instruct import answer_missing_outputs, expand
-from rlhf.data_builders.teacher import build_teacher
+from rlhf.data_builders.teacher import VllmTeacher, build_teacher
 from rlhf.errors import UserError
 from rlhf.runner import StageContext
 
@@ -42,6 +42,8 @@ def run(ctx: StageContext) -> dict:
     stats: dict = {"seeds": len(seeds), "candidates": 0, "kept": 0, "dropped": Counter(), "rounds": 0}
     if settings.expand and teacher is not None:
         examples += expand(examples, teacher, config, rng, stats)
+    if isinstance(teacher, VllmTeacher):
+        teacher.engine.close()  # its share of the GPU goes back before sft loads (same process under `rlhf run`)
 
     # 4. Split, held-out eval first so it never depends on how many were generated.
     if len(examples) <= settings.num_eval:
