@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512, help="chat prompt length (default 512)")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps of sft and reward (default 2)")
     parser.add_argument("--work", default="runs/plan-vs-measured", help="work folder (replaced)")
+    parser.add_argument("--ppo-steps", type=int, default=1, help="ppo steps (default 1)")
+    parser.add_argument("--with-evaluate", action="store_true", help="run the evaluate stage too (it has no estimate)")
     args = parser.parse_intermixed_args()
 
     from rlhf.config import load_config, to_yaml
@@ -112,13 +114,13 @@ def main() -> None:
         f"preferences.path={work / 'pairs.jsonl'}",
         f"preferences.num_eval={num_eval}",
         f"reward.max_steps={args.steps}",
-        "ppo.steps=1",
+        f"ppo.steps={args.ppo_steps}",
     ]
     config = load_config(args.config, overrides)
     config_file = work / "config.yaml"
     config_file.write_text(to_yaml(config))
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONUNBUFFERED": "1"}
-    for stage in STAGES:
+    for stage in (*STAGES, "evaluate") if args.with_evaluate else STAGES:
         print(f"--- {stage}", flush=True)
         command = [sys.executable, "-m", "rlhf.cli", "run", str(config_file), "--only", stage]
         if subprocess.run(command, env=env).returncode != 0:

@@ -93,27 +93,34 @@ def sample_responses(
     """K sampled responses of the SFT model for each prompt, grouped by prompt; and how many prompts were
     dropped for leaving no room for preferences.max_new_tokens in the model's context."""
     settings = config.preferences
-    tokenizer = load_tokenizer(str(model_dir), config.model.trust_remote_code)
-    model = load_causal_lm(str(model_dir), config.model, quantize=False).eval()
-    chat = ChatFormat.of(tokenizer, model)
-    fits = fits_context(model, [chat.prompt_ids(prompt) for prompt, _ in prompts], settings.max_new_tokens,
+    engine = None
+    if config.generation.engine == "vllm":
+        from transformers import AutoConfig
+
+        from rlhf.vllm_engine import VllmEngine
+
+        unquantized = config.model.model_copy(update={"quantization": "none"})  # as the transformers path loads it
+        engine = VllmEngine(str(model_dir), unquantized, config.generation, seed=config.seed)
+        chat, model_config = engine.chat, AutoConfig.from_pretrained(str(model_dir), trust_remote_code=config.model.trust_remote_code)
+    else:
+        tokenizer = load_tokenizer(str(model_dir), config.model.trust_remote_code)
+        model = load_causal_lm(str(model_dir), config.model, quantize=False).eval()
+        chat, model_config = ChatFormat.of(tokenizer, model), model.config
+    fits = fits_context(model_config, [chat.prompt_ids(prompt) for prompt, _ in prompts], settings.max_new_tokens,
                         "preferences.max_new_tokens", "preferences")
     too_long = len(prompts) - sum(fits)
     prompts = [p for p, fit in zip(prompts, fits) if fit]
     k = settings.samples_per_prompt
-    console.print(f"preferences: sampling {k} responses for each of {len(prompts)} prompts from {model_dir}")
-    generations = generate_chat(
-        model,
-        tokenizer,
-        [prompt for prompt, _ in prompts for _ in range(k)],
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        top_k=settings.top_k,
-        batch_size=settings.batch_size,
-        seed=config.seed,
-        description="sampling responses",
-    )
+    console.print(f"preferences: sampling {k} responses for each of {len(prompts)} prompts from {model_dir}"
+                  + (" (vLLM)" if engine is not None else ""))
+    conversations = [prompt for prompt, _ in prompts for _ in range(k)]
+    decoding = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+                    top_k=settings.top_k, seed=config.seed, description="sampling responses")
+    if engine is not None:
+        generations = engine.generate_chat(conversations, **decoding)
+        engine.close()  # before a judge model loads
+    else:
+        generations = generate_chat(model, tokenizer, conversations, batch_size=settings.batch_size, **decoding)
     candidates = [
         Candidate(prompt, g.text, g.finished, reference)
         for (prompt, reference), g in zip([p for p in prompts for _ in range(k)], generations)

@@ -14,7 +14,7 @@ import time
 import urllib.error
 import urllib.request
 
-from rlhf.config import ModelConfig, TeacherConfig
+from rlhf.config import GenerationConfig, ModelConfig, TeacherConfig
 from rlhf.errors import UserError
 
 # Chat messages in the OpenAI shape: [{"role": "user", "content": "..."}, ...].
@@ -23,9 +23,10 @@ Conversation = list[dict[str, str]]
 _BODY_EXCERPT_CHARS = 200
 
 
-def build_teacher(teacher: TeacherConfig, base_model: ModelConfig):
+def build_teacher(teacher: TeacherConfig, base_model: ModelConfig, generation: GenerationConfig | None = None, seed: int = 0):
     """The teacher a config asks for: an OpenAI-compatible endpoint, or a local model (default: the
-    pipeline's base model), loaded unquantized since it only generates."""
+    pipeline's base model), loaded unquantized since it only generates; with `generation` engine vllm, a
+    local model is served by a vLLM engine (rlhf.vllm_engine)."""
     if teacher.kind == "openai":
         for key in ("base_url", "model"):
             if not getattr(teacher, key):
@@ -40,6 +41,8 @@ def build_teacher(teacher: TeacherConfig, base_model: ModelConfig):
     model_config = base_model.model_copy(
         update={"name_or_path": teacher.model or base_model.name_or_path, "quantization": "none"}
     )
+    if generation is not None and generation.engine == "vllm":
+        return VllmTeacher.load(model_config, generation, seed)
     return LocalTeacher.load(model_config, batch_size=teacher.batch_size)
 
 
@@ -81,6 +84,26 @@ class LocalTeacher:
             seed=seed or 0,
             description="teacher",
         )
+        return [reply.text for reply in replies]
+
+
+class VllmTeacher:
+    """A local model served by a vLLM engine; answers as LocalTeacher does (each reply seeded by its row)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def load(cls, model_config, generation: GenerationConfig, seed: int = 0) -> VllmTeacher:
+        from rlhf.models import resolve_model
+        from rlhf.vllm_engine import VllmEngine
+
+        return cls(VllmEngine(resolve_model(model_config.name_or_path), model_config, generation, seed=seed))
+
+    def complete(self, conversations: list[Conversation], *, temperature: float, top_p: float, max_new_tokens: int,
+                 seed: int | None = None) -> list[str]:
+        replies = self.engine.generate_chat(conversations, max_new_tokens=max_new_tokens, temperature=temperature,
+                                            top_p=top_p, seed=seed or 0, description="teacher")
         return [reply.text for reply in replies]
 
 

@@ -85,6 +85,32 @@ class TeacherConfig(Section):
     max_retries: int = Field(3, ge=0)
 
 
+class GenerationConfig(Section):
+    """Which engine samples, in every stage that samples with a local model: instructions' local teacher,
+    preferences, ppo and evaluate (the judges' short greedy verdicts stay on transformers)."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    """hf: transformers' generate in the training process (the default, the tested path). vllm: one vLLM
+    engine in the training process (`pip install -e ".[vllm]"`), the policy served as a LoRA adapter on
+    the merged SFT backbone and synced after every PPO update (rlhf.vllm_engine)."""
+    gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, json_schema_extra=BOOKKEEPING)
+    """vllm on a GPU: the share of GPU memory the engine takes (weights + KV cache); the trainer keeps the
+    rest. Ignored on CPU, where the KV cache is `cpu_kv_cache_gib`."""
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, json_schema_extra=BOOKKEEPING)
+    """vllm on CPU: the KV cache's size (vLLM's VLLM_CPU_KVCACHE_SPACE; an environment value wins)."""
+    max_lora_rank: int | None = Field(None, gt=0, json_schema_extra=BOOKKEEPING)
+    """vllm: the engine's largest LoRA rank; None: the smallest vLLM size that holds lora.r."""
+    enforce_eager: bool = Field(False, json_schema_extra=BOOKKEEPING)
+    """vllm on a GPU: no CUDA graphs (starts faster, decodes slower)."""
+    sleep_between_rollouts: bool = Field(True, json_schema_extra=BOOKKEEPING)
+    """vllm on a GPU: the engine sleeps (weights to CPU, KV cache freed) while ppo updates, and wakes for the
+    next rollout. CPU runs never sleep (vLLM's sleep mode is CUDA only)."""
+    vllm_importance_correction: float | None = Field(None, gt=0)
+    """vllm in ppo: truncated importance sampling (TRL's vllm_importance_sampling_cap): each token's policy
+    loss is weighted by min(exp(trainer log-prob − vLLM's), cap), correcting for sampling from vLLM's
+    numerics rather than the trainer's. None: no correction (the gap is logged either way)."""
+
+
 class InstructionsConfig(Section):
     seeds: str | None = None
     """Seed file (.txt, .json, .jsonl); None = the seed set shipped with the package."""
@@ -339,6 +365,7 @@ class PipelineConfig(Section):
     lora: LoraConfig = LoraConfig()
     wandb: WandbConfig = WandbConfig()
     launch: LaunchConfig = LaunchConfig()
+    generation: GenerationConfig = GenerationConfig()
     instructions: InstructionsConfig = InstructionsConfig()
     sft: SFTConfig = SFTConfig()
     preferences: PreferencesConfig = PreferencesConfig()

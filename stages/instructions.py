@@ -14,7 +14,7 @@ from rlhf.dag import seeds_path
 from rlhf.data_builders.json_files import write_jsonl
 from rlhf.data_builders.seeds import load_seeds
 from rlhf.data_builders.self_instruct import answer_missing_outputs, expand
-from rlhf.data_builders.teacher import build_teacher
+from rlhf.data_builders.teacher import VllmTeacher, build_teacher
 from rlhf.errors import UserError
 from rlhf.runner import StageContext
 
@@ -33,7 +33,7 @@ def run(ctx: StageContext) -> dict:
         seeds = rng.sample(seeds, settings.num_instructions)
     needs_teacher = settings.expand and len(seeds) < settings.num_instructions
     needs_teacher = needs_teacher or any(s.output is None for s in seeds)
-    teacher = build_teacher(settings.teacher, config.model) if needs_teacher else None
+    teacher = build_teacher(settings.teacher, config.model, config.generation, config.seed) if needs_teacher else None
 
     # 2. Seeds without a reference output get the teacher's answer.
     examples = answer_missing_outputs(seeds, teacher, config)
@@ -42,6 +42,8 @@ def run(ctx: StageContext) -> dict:
     stats: dict = {"seeds": len(seeds), "candidates": 0, "kept": 0, "dropped": Counter(), "rounds": 0}
     if settings.expand and teacher is not None:
         examples += expand(examples, teacher, config, rng, stats)
+    if isinstance(teacher, VllmTeacher):
+        teacher.engine.close()  # its share of the GPU goes back before sft loads (same process under `rlhf run`)
 
     # 4. Split, held-out eval first so it never depends on how many were generated.
     if len(examples) <= settings.num_eval:

@@ -17,6 +17,13 @@ with Gemma 2's softcapping or Cohere's logit scale), through `sampling_scores`:
   nucleus. With top_p < 1 or top_k > 0 the KL therefore includes −log(kept probability mass) per token
   from step 1 on: that is the true KL of the sampled distribution to the SFT model.
 
+With `generation.engine: vllm` the rollout is sampled by one vLLM engine in this process (rlhf.vllm_engine):
+the policy adapter is synced into it after every update, and the old log-probs are recomputed by the
+trainer's forward, since vLLM's numerics are not the trainer's (a different kernel, and with QLoRA on a
+CPU an unquantized backbone). The gap between vLLM's sampling log-probs and the trainer's is logged
+every step (`rollout/engine_logprob_gap_mean`, `_max`); `generation.vllm_importance_correction` weights
+each token's policy loss by min(exp(trainer − vLLM), cap) (truncated importance sampling).
+
 Advantages: GAE with the learned critic (`ppo.advantage_estimator: gae`, the default), or a critic-free
 estimator over groups of `ppo.samples_per_prompt` responses to one prompt (rloo, grpo,
 reinforce_baseline: rlhf.ppo_math.group_advantages), with no value adapter, head or forward at all.
@@ -62,10 +69,12 @@ from rlhf.ppo_math import (
     kl_loss_k3,
     kl_penalty_rewards,
     masked_mean,
+    logprob_gap,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
     reward_to_go,
+    truncated_importance_weights,
 )
 from rlhf.preemption import preempted
 from rlhf.reward.readout import RewardModel, read_external_reward_model
@@ -75,12 +84,15 @@ from rlhf.rollout import (
     Rollout,
     by_prompt_length,
     decode_responses,
+    engine_rollout,
     generate_rollout,
     in_micro_batches,
+    with_trainer_logprobs,
 )
 from rlhf.runner import StageContext
 from rlhf.tracking import StageHistory, start_wandb
 from rlhf.training import NonFiniteTraining
+from rlhf.vllm_engine import VllmEngine, lora_rank_for
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -110,6 +122,8 @@ class Trainer:
     external: str | None
     sources: list[Source]
     sampling: Sampling
+    engine: VllmEngine | None = None
+    """generation.engine vllm: the engine that samples rollouts (None: transformers' generate)."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +191,8 @@ def run(ctx: StageContext) -> dict:
     start_step = load_checkpoint(checkpoints, trainer)
     if start_step:
         console.print(f"ppo: resuming after step {start_step} from {checkpoints}")
+    if trainer.engine is not None:
+        trainer.engine.sync_adapter(trainer.roles.model, "policy")  # the (resumed) policy, before step 1
     wandb_run = start_wandb(config, "ppo", ctx.run_dir) if trainer.accelerator.is_main_process else None
     history = StageHistory(ctx.work_dir, start_step, ("metrics.jsonl", "samples.jsonl"))
     rank = trainer.accelerator.process_index  # under `accelerate launch`, each process samples its own prompts
@@ -188,11 +204,10 @@ def run(ctx: StageContext) -> dict:
             continue  # replay the prompt sampler so a resumed run sees the same prompts
         torch.manual_seed(config.seed * 100_003 + step + 7919 * rank)
 
-        # 2. Rollout: sample responses with the policy, cut after EOS; the old log-probs come with them.
+        # 2. Rollout: sample responses with the policy, cut after EOS; the old log-probs come with them
+        #    (with vLLM: recomputed by the trainer's forward, the engine's kept to weigh and log the gap).
         started = time.time()
-        rollout = generate_rollout(
-            trainer.roles, [p.ids for p in prompts], max_new_tokens=settings.max_new_tokens, sampling=trainer.sampling
-        )
+        rollout, engine = sample_rollout(trainer, prompts, settings, config.seed * 100_003 + step * 10_007 + 7919 * rank)
         rollout_time = time.time() - started
 
         # 3. Score: reference log-probs, values and reward scores (one forward each, in micro-batches),
@@ -201,12 +216,16 @@ def run(ctx: StageContext) -> dict:
         scored = score(trainer, prompts, rollout, settings)
 
         # 4. Update: several epochs over shuffled minibatches, gradient accumulation over micro-batches.
-        stats = ppo_update(trainer.accelerator, trainer.roles, trainer.optimizer, rollout, scored, settings, step)
+        stats = ppo_update(
+            trainer.accelerator, trainer.roles, trainer.optimizer, rollout, scored, settings, step, weights=engine.weights
+        )
         trainer.scheduler.step()
+        if trainer.engine is not None:  # the next rollout samples from the updated adapter
+            trainer.engine.sync_adapter(trainer.roles.model, "policy")
         update_time = time.time() - started
 
         # 5. Log: every process steers β with the KL averaged over all of them, so β stays the same everywhere.
-        record = log_step(trainer, step, settings, rollout, scored, stats, rollout_time, update_time)
+        record = log_step(trainer, step, settings, rollout, scored, stats, rollout_time, update_time) | engine.record()
         if trainer.accelerator.is_main_process:
             history.write(record)
             if wandb_run:
@@ -242,6 +261,11 @@ def ppo_sampling(settings) -> Sampling:
 def set_up(ctx: StageContext) -> Trainer:
     config, settings = ctx.config, ctx.config.ppo
     accelerator = Accelerator(cpu=pick_device(config.model) == "cpu")
+    if config.generation.engine == "vllm" and accelerator.num_processes > 1:
+        raise UserError(
+            f"generation.engine vllm: one engine per training process is supported, not {accelerator.num_processes} "
+            "data-parallel processes (set launch.num_processes: 1 or generation.engine: hf)"
+        )
     set_seed(config.seed)
     release_freed_memory()  # earlier stages in this process may have left freed pages resident
     reset_peak_memory()
@@ -267,6 +291,10 @@ def set_up(ctx: StageContext) -> Trainer:
     prompts, too_long = load_prompts(
         ctx.inputs["instructions"] / "train.jsonl", chat, settings.num_prompts, config.seed, backbone, settings.max_new_tokens
     )
+    engine = None
+    if config.generation.engine == "vllm":  # beside the trainer's backbone, serving the same merged weights
+        engine = VllmEngine(backbone_dir, config.model, config.generation, seed=config.seed,
+                            lora_rank=lora_rank_for(config.lora, config.generation))
     return Trainer(
         accelerator=accelerator,
         roles=Roles(model, value_head, reward_head, trainable, chat),
@@ -279,6 +307,7 @@ def set_up(ctx: StageContext) -> Trainer:
         external=external,
         sources=sources,
         sampling=ppo_sampling(settings),
+        engine=engine,
     )
 
 
@@ -293,6 +322,53 @@ def load_prompts(
     if not fit:
         raise UserError(f"{path}: no prompts for PPO" + (" that fit the model's context" if prompts else ""))
     return random.Random(seed).sample(fit, min(count, len(fit))), len(prompts) - len(fit)
+
+
+@dataclass(frozen=True)
+class EngineGap:
+    """How a vLLM rollout's sampling log-probs compare with the trainer's on the same tokens, and the
+    truncated importance weights ([B, T], None without the correction) that the update applies."""
+
+    gap_mean: float | None = None
+    gap_max: float | None = None
+    dropped_rows: int = 0
+    """Rows holding a token outside the trainer's top-k / top-p (kept out of the update)."""
+    weights: torch.Tensor | None = None
+    recompute_time: float = 0.0
+
+    def record(self) -> dict:
+        if self.gap_mean is None:
+            return {}
+        return {
+            "rollout/engine_logprob_gap_mean": self.gap_mean,
+            "rollout/engine_logprob_gap_max": self.gap_max,
+            "rollout/engine_rows_dropped": self.dropped_rows,
+            "time/old_logprobs": self.recompute_time,
+            **({"rollout/is_weight_mean": float(self.weights.sum() / self.weights.ne(0).sum().clamp(min=1))}
+               if self.weights is not None else {}),
+        }
+
+
+@torch.no_grad()
+def sample_rollout(trainer: Trainer, prompts: list[Prompt], settings, seed: int) -> tuple[Rollout, EngineGap]:
+    """The step's rollout from the configured engine. With vLLM, the old log-probs are the trainer's forward
+    on the sampled tokens (the engine sleeps meanwhile, on a GPU), compared with the engine's own."""
+    batch = [p.ids for p in prompts]
+    if trainer.engine is None:
+        return generate_rollout(trainer.roles, batch, max_new_tokens=settings.max_new_tokens, sampling=trainer.sampling), EngineGap()
+    device = next(trainer.roles.model.parameters()).device
+    rollout = engine_rollout(trainer.engine, batch, max_new_tokens=settings.max_new_tokens, sampling=trainer.sampling,
+                             seed=seed, device=device)
+    trainer.engine.sleep()
+    started = time.time()
+    trainer_logprobs = in_micro_batches(lambda part: trainer.roles.policy_logprobs(part, trainer.sampling)[0],
+                                        rollout, settings.micro_batch_size)
+    rollout, engine_logprobs = with_trainer_logprobs(rollout, trainer_logprobs)
+    gap_mean, gap_max = logprob_gap(rollout.logprobs, engine_logprobs, rollout.mask)
+    cap = trainer.engine.generation.vllm_importance_correction
+    weights = truncated_importance_weights(rollout.logprobs, engine_logprobs, rollout.mask, cap) if cap else None
+    dropped = rollout.repaired
+    return rollout, EngineGap(gap_mean, gap_max, dropped, weights, time.time() - started)
 
 
 @torch.no_grad()
@@ -343,8 +419,10 @@ def score_rollout(roles: Roles, reward_model: RewardModel | None, prompts: list[
 # --- update -------------------------------------------------------------------------------------
 
 
-def ppo_update(accelerator, roles: Roles, optimizer, rollout: Rollout, scored: ScoredRollout, settings, step: int) -> UpdateStats:
-    """`ppo_epochs` passes of shuffled minibatches, one optimizer step per minibatch."""
+def ppo_update(accelerator, roles: Roles, optimizer, rollout: Rollout, scored: ScoredRollout, settings, step: int,
+               weights: torch.Tensor | None = None) -> UpdateStats:
+    """`ppo_epochs` passes of shuffled minibatches, one optimizer step per minibatch; `weights` [B, T]: the
+    truncated importance weights of a vLLM rollout (None: none)."""
     batch_size = rollout.input_ids.shape[0]
     sampling = ppo_sampling(settings)
     measured: list[UpdateStats] = []
@@ -354,7 +432,8 @@ def ppo_update(accelerator, roles: Roles, optimizer, rollout: Rollout, scored: S
         for start in range(0, batch_size, settings.mini_batch_size):
             minibatch = by_prompt_length(rollout, order[start : start + settings.mini_batch_size])
             for rows in minibatch.split(settings.micro_batch_size):
-                stats = micro_step(accelerator, roles, rollout, scored, rows, len(rows) / len(minibatch), sampling, settings, step)
+                stats = micro_step(accelerator, roles, rollout, scored, rows, len(rows) / len(minibatch), sampling, settings, step,
+                                   None if weights is None else weights[rows])
                 measured.append(stats)
                 if epoch == 0 and start == 0:  # before any optimizer step
                     first_ratio_gap = max(first_ratio_gap, stats.first_ratio_max_gap)
@@ -367,7 +446,8 @@ def ppo_update(accelerator, roles: Roles, optimizer, rollout: Rollout, scored: S
 
 
 def micro_step(
-    accelerator, roles: Roles, rollout: Rollout, scored: ScoredRollout, rows, weight: float, sampling, settings, step: int
+    accelerator, roles: Roles, rollout: Rollout, scored: ScoredRollout, rows, weight: float, sampling, settings, step: int,
+    is_weights: torch.Tensor | None = None,
 ) -> UpdateStats:
     """Both losses' gradients on `rows`, weighted by their share of the minibatch; this micro-batch's
     statistics, with its max |ratio − 1| as `first_ratio_max_gap`.
@@ -380,7 +460,9 @@ def micro_step(
     release_freed_memory()
     logprobs, entropy = roles.policy_logprobs(part, sampling)
     gap = torch.where(part.mask.bool(), (logprobs.detach() - old_logprobs).exp() - 1, 0.0).abs().max()
-    policy_loss, clipfrac, approxkl = ppo_policy_loss(logprobs, old_logprobs, scored.advantages[rows], part.mask, settings.clip_range)
+    policy_loss, clipfrac, approxkl = ppo_policy_loss(
+        logprobs, old_logprobs, scored.advantages[rows], part.mask, settings.clip_range, is_weights
+    )
     kl_loss = kl_loss_k3(logprobs, scored.ref_logprobs[rows], part.mask) if settings.kl_in == "loss" else None
     loss = policy_loss if kl_loss is None else policy_loss + scored.kl_loss_coef * kl_loss
     _check_finite(loss, "policy loss", step)
@@ -542,6 +624,8 @@ def save(ctx: StageContext, trainer: Trainer, history: StageHistory, wandb_run) 
         history.publish(ctx.out_dir)
     if wandb_run:
         wandb_run.finish()
+    if trainer.engine is not None:
+        trainer.engine.close()
     records = history.records()
     first, last = records[0] if records else {}, records[-1] if records else {}
     return {
@@ -558,6 +642,7 @@ def save(ctx: StageContext, trainer: Trainer, history: StageHistory, wandb_run) 
         "kl_in": ctx.config.ppo.kl_in,
         "prompts_too_long": trainer.prompts_too_long,
         "processes": accelerator.num_processes,
+        "generation_engine": ctx.config.generation.engine,
         "ranks_agree": bool((checksums == checksums[0]).all()),
         "kl_coef_ranks_agree": bool((kl_coefs == kl_coefs[0]).all()),
         "peak_memory_mb": max((h["memory/peak_mb"] or 0 for h in records), default=None),

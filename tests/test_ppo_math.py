@@ -19,6 +19,7 @@ from rlhf.ppo_math import (
     kl_controller,
     kl_k3,
     kl_penalty_rewards,
+    logprob_gap,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -26,6 +27,7 @@ from rlhf.ppo_math import (
     ppo_policy_loss,
     ppo_value_loss,
     truncate_after_eos,
+    truncated_importance_weights,
 )
 
 NAN = float("nan")
@@ -242,6 +244,28 @@ def test_policy_loss_clipped_mixed_with_padding():
     loss.backward()
     # gradient only through the unclipped terms: -A * ratio / 4; clipped tokens and padding get 0
     close(logprobs.grad, [[-1.1 / 4, 0.0, 1.5 / 4, 0.0, 0.0]])
+
+
+def test_truncated_importance_weights_by_hand():
+    trainer = torch.tensor([[-1.0, -2.0, -0.5, NAN]])
+    engine = torch.tensor([[-1.0, -2.0 - math.log(1.5), -0.5 + math.log(2.0), 0.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0]])  # the last token is padding holding garbage
+    weights = truncated_importance_weights(trainer, engine, mask, cap=1.2)
+    # t0: exp(0) = 1; t1: exp(log 1.5) = 1.5, capped at 1.2; t2: exp(-log 2) = 0.5; padding: 0
+    close(weights, [[1.0, 1.2, 0.5, 0.0]])
+    assert not weights.requires_grad
+    close(torch.tensor(logprob_gap(trainer, engine, mask)), [(0 + math.log(1.5) + math.log(2.0)) / 3, math.log(2.0)])
+
+
+def test_policy_loss_with_importance_weights():
+    old = torch.tensor([[-1.0, -2.0]])
+    logprobs = (old + math.log(1.1)).requires_grad_()  # ratio 1.1, inside the clip range
+    adv = torch.tensor([[1.0, 1.0]])
+    weights = torch.tensor([[0.5, 2.0]])
+    loss, _, _ = ppo_policy_loss(logprobs, old, adv, torch.ones(1, 2), clip_range=0.2, weights=weights)
+    close(loss, (0.5 * -1.1 + 2.0 * -1.1) / 2)  # each token's surrogate times its weight
+    loss.backward()
+    close(logprobs.grad, [[-0.5 * 1.1 / 2, -2.0 * 1.1 / 2]])
 
 
 def test_value_loss_clipped_and_unclipped():
