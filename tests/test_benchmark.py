@@ -2,11 +2,22 @@
 forgetting arithmetic against hand-worked numbers, the local-data form of a named lm-eval task and its errors,
 and the per-model cache that a ppo change leaves base and SFT in."""
 
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import pytest
+import yaml
 
 from rlhf.benchmark_math import Score, compare, forgetting_rate, intervals_separate, knowledge_loss
+from rlhf.config import BenchmarkConfig, load_config
+from rlhf.errors import UserError
+from rlhf.lm_harness import SHIPPED_TASKS, evaluate_task, harness_model, prepare_tasks
+from rlhf.models import load_causal_lm, load_tokenizer, resolve_model
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = str(REPO / "configs" / "smoke.yaml")
 
 
 # --- the arithmetic, worked by hand ------------------------------------------------------------------------
@@ -39,3 +50,109 @@ def test_a_base_of_zero_gives_no_forgetting_rate_and_no_crash():
     no_error = compare(Score(0.3, None), Score(0.2, 0.01))  # lm-eval gave no stderr for one of them
     assert no_error.knowledge_loss_pm is None and no_error.intervals_separate is None
     assert no_error.forgetting_rate == pytest.approx(100 / 3)
+
+
+# --- a named lm-eval task on local data ---------------------------------------------------------------------
+
+
+GSM8K_ROWS = [
+    {"question": "Tom has 3 apples and buys 2 more. How many apples does he have?", "answer": "3 + 2 = 5\n#### 5"},
+    {"question": "A box holds 4 pens. How many pens are in 3 boxes?", "answer": "4 * 3 = 12\n#### 12"},
+    {"question": "Sara had 10 sweets and ate 4. How many are left?", "answer": "10 - 4 = 6\n#### 6"},
+]
+
+
+def jsonl(path: Path, rows: list, raw_lines: dict | None = None) -> Path:
+    lines = [json.dumps(row) for row in rows]
+    for index, text in (raw_lines or {}).items():
+        lines[index] = text
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def prepare(tasks: list[dict], **settings):
+    return prepare_tasks(BenchmarkConfig.model_validate({"tasks": tasks, **settings}))
+
+
+def error_of(tasks: list[dict], **settings) -> str:
+    with pytest.raises(UserError) as caught:
+        prepare(tasks, **settings)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_gsm8k_runs_its_own_prompt_and_metric_on_a_local_file(tmp_path):
+    data = jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    manager, [task] = prepare([{"name": "gsm8k", "data_files": str(data), "limit": 2, "num_fewshot": 1}])
+    assert task.fields == ("question", "answer") and task.data_file == data
+    assert task.spec["doc_to_text"] == "Question: {{question}}\nAnswer:"  # gsm8k's own YAML, from lm-eval
+    assert task.spec["dataset_path"] == "json" and task.spec["dataset_name"] is None
+    assert task.spec["dataset_kwargs"] == {"data_files": {"test": str(data), "train": str(data)}}
+    path = resolve_model("tiny-random-llama")
+    model = load_causal_lm(path, load_config(SMOKE).model)
+    result = evaluate_task(harness_model(model, load_tokenizer(path), batch_size=2), manager, task, seed=0)
+    assert set(result.metrics) == {"exact_match,strict-match", "exact_match,flexible-extract"} and result.samples == 2
+    assert all(m["stderr"] is not None for m in result.metrics.values())
+
+
+def test_local_data_in_parquet_reads_the_same_fields(tmp_path):
+    import datasets
+
+    data = tmp_path / "gsm8k.parquet"
+    datasets.Dataset.from_list(GSM8K_ROWS).to_parquet(str(data))
+    _, [task] = prepare([{"name": "gsm8k", "data_files": str(data)}])
+    assert task.spec["dataset_path"] == "parquet" and task.fields == ("question", "answer")
+
+
+def test_local_data_errors_name_the_file_the_row_or_the_task(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    assert error_of([{"name": "gsm8k", "data_files": str(missing)}]) == (
+        f"benchmark.tasks[0] (gsm8k): data file '{missing}' not found"
+    )
+    no_answer = jsonl(tmp_path / "a.jsonl", [GSM8K_ROWS[0], GSM8K_ROWS[1], {"question": "What is 2 + 2?"}])
+    assert error_of([{"name": "gsm8k", "data_files": str(no_answer)}]) == (
+        f"{no_answer}:3: row has no field 'answer' (task gsm8k reads question, answer)"
+    )
+    broken = jsonl(tmp_path / "b.jsonl", GSM8K_ROWS, {1: '{"question": "Half a row", '})
+    assert error_of([{"name": "gsm8k", "data_files": str(broken)}]).startswith(f"{broken}:2: expected one JSON object per line")
+    none_has_it = jsonl(tmp_path / "c.jsonl", [{"question": "Q?"}, {"question": "R?"}])
+    assert error_of([{"name": "gsm8k", "data_files": str(none_has_it)}]).startswith(f"{none_has_it}:1: ")
+    assert "'answer'" in error_of([{"name": "gsm8k", "data_files": str(none_has_it)}])
+    assert error_of([{"name": "gsm8kk"}]) == "benchmark.tasks[0] (gsm8kk): no lm-eval task is named 'gsm8kk' (did you mean 'gsm8k'?)"
+    assert error_of([{"name": "rlhf_arithmetic"}], include_path=str(tmp_path / "none")).startswith(
+        f"benchmark.include_path: '{tmp_path / 'none'}' is not a folder"
+    )
+
+
+def test_a_task_folder_goes_in_as_include_path(tmp_path):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    spec = yaml.safe_load((SHIPPED_TASKS / "rlhf_arithmetic.yaml").read_text())
+    data = jsonl(tmp_path / "sums.jsonl", [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 3?", "answer": "5"}])
+    spec |= {"task": "my_sums", "dataset_kwargs": {"data_files": {"test": str(data)}}}
+    (folder / "my_sums.yaml").write_text(yaml.safe_dump(spec))
+    _, [task] = prepare([{"name": "my_sums"}], include_path=str(folder))
+    assert task.spec == "my_sums" and task.data_file is None  # its own YAML names its data
+    _, [again] = prepare([{"name": "my_sums", "data_files": str(data)}], include_path=str(folder))
+    assert again.fields == ("question", "answer")
+
+
+# --- shipped files --------------------------------------------------------------------------------------------
+
+
+def test_shipped_local_tasks_are_what_their_script_writes():
+    spec = importlib.util.spec_from_file_location("build", REPO / "data_builders" / "benchmarks" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    for name, text in build.build().items():
+        assert (SHIPPED_TASKS / name).read_text() == text, f"{name}: rerun data_builders/benchmarks/build.py"
+    relations = [json.loads(line) for line in (SHIPPED_TASKS / "rlhf_word_relations.jsonl").read_text().splitlines()]
+    sums = [json.loads(line) for line in (SHIPPED_TASKS / "rlhf_arithmetic.jsonl").read_text().splitlines()]
+    assert len(relations) >= 100 and len(sums) >= 100
+    assert all(len(set(r["choices"])) == 4 and 0 <= r["label"] < 4 for r in relations)
+    assert len({r["question"] + str(r["choices"]) for r in relations}) == len(relations)
+    operations = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "times": lambda a, b: a * b}
+    for row in sums:
+        a, operation, b = row["question"].removeprefix("What is ").rstrip("?").split()
+        assert str(operations[operation](int(a), int(b))) == row["answer"]
