@@ -5,12 +5,18 @@ and the per-model cache that a ppo change leaves base and SFT in."""
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
+import lm_eval
 import pytest
+import torch
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.benchmark_math import Score, compare, forgetting_rate, intervals_separate, knowledge_loss
+from rlhf.benchmark_report import build_report, comparison_table, score_table
+from rlhf.cli import main
 from rlhf.config import BenchmarkConfig, load_config
 from rlhf.errors import UserError
 from rlhf.lm_harness import SHIPPED_TASKS, evaluate_task, harness_model, prepare_tasks
@@ -18,6 +24,8 @@ from rlhf.models import load_causal_lm, load_tokenizer, resolve_model
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "configs" / "smoke.yaml")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LOCAL_TASKS = "benchmark.tasks=[{name: rlhf_word_relations, limit: 6}, {name: rlhf_arithmetic, limit: 4}]"
 
 
 # --- the arithmetic, worked by hand ------------------------------------------------------------------------
@@ -50,6 +58,172 @@ def test_a_base_of_zero_gives_no_forgetting_rate_and_no_crash():
     no_error = compare(Score(0.3, None), Score(0.2, 0.01))  # lm-eval gave no stderr for one of them
     assert no_error.knowledge_loss_pm is None and no_error.intervals_separate is None
     assert no_error.forgetting_rate == pytest.approx(100 / 3)
+
+
+def test_report_compares_every_pair_and_prints_undefined_rates():
+    def result(value, stderr):
+        return {"metrics": {"acc,none": {"value": value, "stderr": stderr}}, "samples": 10, "higher_is_better": {"acc": True}}
+
+    results = {"base": {"t": result(0.0, 0.0)}, "sft": {"t": result(0.2, 0.1)}, "ppo": {"t": result(0.3, 0.1)}}
+    report = build_report([{"name": "t"}], results, {}, {"batch_size": 1, "seed": 0})
+    entry = report["tasks"]["t"]
+    assert set(entry["comparisons"]) == {"base_to_sft", "base_to_ppo", "sft_to_ppo"}
+    assert entry["comparisons"]["sft_to_ppo"]["acc,none"]["forgetting_rate"] == pytest.approx(-50.0)
+    assert entry["comparisons"]["base_to_sft"]["acc,none"]["forgetting_rate"] is None
+    assert entry["sft"]["metrics"]["acc,none"]["ci95"] == pytest.approx([0.2 - 0.196, 0.2 + 0.196])
+    assert "| t | acc | 10 | 0.0000 ± 0.0000 | 0.2000 ± 0.1960 | 0.3000 ± 0.1960 |" in score_table(report)
+    table = comparison_table(report)
+    assert "| t | acc | base → SFT | +0.2000 | undefined (A_base = 0) | -0.2000 ± 0.1960 | **yes** |" in table
+    assert "| t | acc | SFT → PPO | +0.1000 | -50.00 % | -0.1000 ± 0.2772 | no |" in table
+
+
+# --- a fake run: the tiny model as base, a nudged copy as SFT, a random LoRA on it as PPO --------------------
+
+
+def publish(stage_dir: Path, fingerprint: str) -> None:
+    (stage_dir / "manifest.json").write_text(json.dumps({"stage": stage_dir.name, "fingerprint": fingerprint, "parts": {}}))
+
+
+def write_policy(run: Path, seed: int, fingerprint: str) -> None:
+    """A LoRA adapter with random (not zero) B matrices on sft/merged, published as the ppo stage."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(run / "sft" / "merged")
+    adapter = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    shutil.rmtree(run / "ppo", ignore_errors=True)
+    adapter.save_pretrained(run / "ppo" / "policy")
+    publish(run / "ppo", fingerprint)
+
+
+@pytest.fixture(scope="module")
+def fake_upstream(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("benchmark") / "run"
+    base = resolve_model("tiny-random-llama")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model.save_pretrained(run / "sft" / "merged")
+    AutoTokenizer.from_pretrained(base).save_pretrained(run / "sft" / "merged")
+    publish(run / "sft", "sft-fingerprint")
+    write_policy(run, seed=2, fingerprint="ppo-fingerprint-1")
+    return run
+
+
+def count_harness_calls(monkeypatch, logits: dict | None = None) -> list:
+    """lm_eval.simple_evaluate, wrapped (not replaced): each call's model class, and the real work done. With
+    `logits`, each model class's logits on a fixed input, to tell the models lm-eval was handed apart."""
+    calls, real = [], lm_eval.simple_evaluate
+
+    def counted(**kwargs):
+        model = kwargs["model"]._model
+        calls.append(type(model).__name__)
+        if logits is not None:
+            with torch.no_grad():
+                logits.setdefault(len(logits), model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits)
+        return real(**kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", counted)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def benchmarked(fake_upstream, tmp_path_factory) -> Path:
+    """The benchmark stage on the fake run with the project's two local tasks: a multiple-choice and a
+    generate-until task, the real lm-eval on the three tiny models."""
+    run = tmp_path_factory.mktemp("benchmarked") / "run"
+    shutil.copytree(fake_upstream, run)
+    logits = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls = count_harness_calls(monkeypatch, logits)
+        assert main(["run", SMOKE, f"output_dir={run}", "--only", "benchmark", LOCAL_TASKS, "wandb.mode=offline"]) == 0
+    assert calls == ["LlamaForCausalLM"] * 4 + ["PeftModel"] * 2  # base and sft: 2 tasks each; ppo: SFT + adapter
+    # Three different models, each the same for its two tasks.
+    base, sft, ppo = logits[0], logits[2], logits[4]
+    assert torch.equal(base, logits[1]) and torch.equal(sft, logits[3]) and torch.equal(ppo, logits[5])
+    assert (base - sft).abs().max() > 1e-3 and (sft - ppo).abs().max() > 1e-3
+    return run
+
+
+def test_local_multiple_choice_and_generation_tasks_run_end_to_end(benchmarked, capsys):
+    report = json.loads((benchmarked / "benchmark" / "report.json").read_text())
+    assert list(report["tasks"]) == ["rlhf_word_relations", "rlhf_arithmetic"]
+    assert report["settings"]["apply_chat_template"] is True and report["settings"]["lm_eval_version"] == lm_eval.__version__
+    metrics = {"rlhf_word_relations": "acc,none", "rlhf_arithmetic": "exact_match,last-number"}
+    for task, metric in metrics.items():
+        entry = report["tasks"][task]
+        assert entry["samples"] == {"rlhf_word_relations": 6, "rlhf_arithmetic": 4}[task]  # the limits
+        for model in ("base", "sft", "ppo"):
+            score = entry[model]["metrics"][metric]
+            assert 0 <= score["value"] <= 1 and score["stderr"] is not None
+            assert score["ci95"] == pytest.approx([score["value"] - 1.96 * score["stderr"], score["value"] + 1.96 * score["stderr"]])
+        base, sft = (Score(entry[m]["metrics"][metric]["value"], entry[m]["metrics"][metric]["stderr"]) for m in ("base", "sft"))
+        assert entry["comparisons"]["base_to_sft"][metric] == compare(base, sft).to_dict()
+    assert report["models"]["ppo"]["computed"] == list(metrics) and report["models"]["base"]["reused"] == []
+    accuracies = [report["tasks"]["rlhf_word_relations"][m]["metrics"]["acc,none"]["value"] for m in ("base", "sft", "ppo")]
+
+    markdown = (benchmarked / "benchmark" / "report.md").read_text()
+    assert "| task | metric | items | base | SFT | PPO |" in markdown and "| rlhf_arithmetic | exact_match (last-number) | 4 |" in markdown
+    assert "base → SFT" in markdown and "SFT → PPO" in markdown and "(plots/benchmark.png)" in markdown
+    assert (benchmarked / "benchmark" / "plots" / "benchmark.png").read_bytes().startswith(PNG_SIGNATURE)
+    manifest = json.loads((benchmarked / "benchmark" / "manifest.json").read_text())
+    assert manifest["metrics"]["rlhf_word_relations/base"] == accuracies[0]
+    assert "rlhf_arithmetic/base_to_ppo/delta_a" in manifest["metrics"]
+    assert list((benchmarked / "wandb").rglob("offline-run-*"))  # the summary and chart went to wandb (offline)
+    capsys.readouterr()
+    assert main(["report", str(benchmarked)]) == 0  # no evaluate stage in this run: the benchmark tables alone
+    out = capsys.readouterr().out
+    assert "| rlhf_word_relations | acc | 6 |" in out and "| rlhf_arithmetic | exact_match (last-number) | base → PPO |" in out
+
+
+def test_rerun_after_a_ppo_change_reuses_base_and_sft(benchmarked, tmp_path, monkeypatch, capsys):
+    run = Path(shutil.copytree(benchmarked, tmp_path / "run"))
+    write_policy(run, seed=3, fingerprint="ppo-fingerprint-2")  # ppo reran with other settings
+    calls = count_harness_calls(monkeypatch)
+    capsys.readouterr()
+    assert main(["run", SMOKE, f"output_dir={run}", "--only", "benchmark", LOCAL_TASKS]) == 0
+    assert calls == ["PeftModel", "PeftModel"]  # the PPO model's two tasks; base and SFT came from the cache
+    manifest = json.loads((run / "benchmark" / "manifest.json").read_text())
+    assert manifest["parts"]["upstream"] == {"sft": "sft-fingerprint", "ppo": "ppo-fingerprint-2"}
+    out = capsys.readouterr().out
+    assert "benchmark: base (tiny-random-llama): rlhf_word_relations, rlhf_arithmetic from the cache" in out
+    report = json.loads((run / "benchmark" / "report.json").read_text())
+    before = json.loads((benchmarked / "benchmark" / "report.json").read_text())
+    assert report["models"]["base"]["reused"] == report["models"]["sft"]["reused"] == ["rlhf_word_relations", "rlhf_arithmetic"]
+    assert report["models"]["ppo"]["computed"] == ["rlhf_word_relations", "rlhf_arithmetic"]
+    for task in report["tasks"]:
+        assert report["tasks"][task]["base"] == before["tasks"][task]["base"]
+    # A changed task setting is another key: every model runs that task again.
+    calls.clear()
+    assert main(["run", SMOKE, f"output_dir={run}", "--only", "benchmark", "benchmark.tasks=[{name: rlhf_word_relations, limit: 3}]"]) == 0
+    assert calls == ["LlamaForCausalLM", "LlamaForCausalLM", "PeftModel"]
+
+
+def test_no_tasks_publishes_an_empty_report_without_loading_a_model(fake_upstream, tmp_path, monkeypatch):
+    run = Path(shutil.copytree(fake_upstream, tmp_path / "run"))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("rlhf.stages.benchmark.load_causal_lm", no_model)
+    assert main(["run", SMOKE, f"output_dir={run}", "--only", "benchmark"]) == 0
+    report = json.loads((run / "benchmark" / "report.json").read_text())
+    assert report["tasks"] == {} and report["models"] == {}
+    assert "no model was benchmarked" in (run / "benchmark" / "report.md").read_text()
+
+
+def test_a_task_that_needs_the_hub_offline_is_one_line_before_any_model_loads(fake_upstream, tmp_path, monkeypatch, capsys):
+    run = Path(shutil.copytree(fake_upstream, tmp_path / "run"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("rlhf.stages.benchmark.load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    tasks = "benchmark.tasks=[{name: rlhf_word_relations}, {name: hellaswag, limit: 5}]"
+    assert main(["run", SMOKE, f"output_dir={run}", "--only", "benchmark", tasks]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: benchmark.tasks[1] (hellaswag): its data is the hub dataset 'Rowan/hellaswag'")
+    assert "HF_HUB_OFFLINE is set" in errors[0]
+    assert not (run / "benchmark").exists()
 
 
 # --- a named lm-eval task on local data ---------------------------------------------------------------------
