@@ -6,15 +6,19 @@ import json
 import math
 import shutil
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlhf.benchmark_report import build_report
 from rlhf.cli import main
+from rlhf.config import load_config
 from rlhf.report import reward_hacking, verdict_scores, win_rate
 from rlhf.stages.evaluate import per_prompt_means
+from rlhf.stages.export import model_card
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -157,6 +161,25 @@ def test_exported_model_loads_with_plain_transformers_and_generates(run_dir):
     assert (run_dir / "export" / "adapter" / "adapter_model.safetensors").is_file()
     # Unquantized: the evaluated and the shipped model are the same weights, nothing to compare.
     assert not any(k.startswith("evaluated_vs_shipped") for k in json.loads((run_dir / "export" / "manifest.json").read_text())["metrics"])
+
+
+def test_model_card_and_report_carry_the_benchmark_when_it_ran(run_dir, tmp_path, capsys):
+    """export does not wait for the benchmark stage; when its output is there, the card and `rlhf report`
+    show its tables."""
+    assert json.loads((run_dir / "benchmark" / "report.json").read_text())["tasks"] == {}  # smoke: no tasks
+    assert "Benchmarks" not in (run_dir / "export" / "model" / "README.md").read_text()
+    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    result = {"metrics": {"acc,none": {"value": 0.5, "stderr": 0.1}}, "samples": 20, "higher_is_better": {"acc": True}}
+    report = build_report([{"name": "toy"}], {m: {"toy": result} for m in ("base", "sft", "ppo")}, {}, {"batch_size": 1, "seed": 0})
+    (copy / "benchmark" / "report.json").write_text(json.dumps(report))
+    ctx = types.SimpleNamespace(config=load_config(SMOKE), run_dir=copy)
+    card = model_card(ctx, json.loads((copy / "evaluate" / "report.json").read_text()))
+    assert "## Benchmarks (lm-evaluation-harness)" in card and "| toy | acc | 20 | 0.5000 ± 0.1960 | 0.5000 ± 0.1960 |" in card
+    assert "| benchmark | `" in card  # its manifest in the stage table
+    capsys.readouterr()
+    assert main(["report", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert "win rate" in out and "| toy | acc | base → PPO | +0.0000 | +0.00 % | +0.0000 ± 0.2772 | no |" in out
 
 
 def test_merged_weights_give_the_adapters_logits(run_dir):
