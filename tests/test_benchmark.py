@@ -330,3 +330,13 @@ def test_shipped_local_tasks_are_what_their_script_writes():
     for row in sums:
         a, operation, b = row["question"].removeprefix("What is ").rstrip("?").split()
         assert str(operations[operation](int(a), int(b))) == row["answer"]
+
+
+def test_quickstart_benchmark_config_is_the_quickstart_plus_its_benchmark_section():
+    plain = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    with_benchmark = yaml.safe_load((REPO / "configs" / "quickstart-benchmark.yaml").read_text())
+    assert plain.pop("benchmark") == {"tasks": []}
+    tasks = with_benchmark.pop("benchmark")["tasks"]
+    assert plain == with_benchmark
+    assert [t["name"] for t in tasks] == ["rlhf_word_relations", "rlhf_arithmetic"]
+    assert load_config(REPO / "configs" / "quickstart-benchmark.yaml").benchmark.tasks[1].name == "rlhf_arithmetic"
