@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
         return sub
 
-    with_run_dir("report", "print a run's evaluation table (from evaluate/report.json)")
+    with_run_dir("report", "print a run's evaluation and benchmark tables (evaluate/ and benchmark/report.json)")
     plot = with_run_dir("plot", "draw a run's training curves as PNG files")
     plot.add_argument("--out", help="folder for the PNG files (default: RUN_DIR/plots)")
     chat = with_run_dir("chat", "answer prompts read from the terminal, one per line, until end of input")
@@ -116,13 +116,25 @@ def cmd_run(args) -> int:
 def print_results(run_dir: Path) -> None:
     """The last lines of `rlhf run`: where the report, the plots and the exported model are, when published."""
     results = [
+        *([("benchmark", run_dir / "benchmark" / "report.md", "")] if benchmark_report(run_dir) else []),
         ("report", run_dir / "evaluate" / "report.md", f"  (table: rlhf report {run_dir})"),
         ("plots", run_dir / "evaluate" / "plots", ""),
         ("model", run_dir / "export" / "model", f"  (try it: rlhf chat {run_dir})"),
     ]
     for label, path, hint in results:
         if path.exists():
-            print(f"{label + ':':<8}{path}{hint}")
+            print(f"{label + ':':<11}{path}{hint}")
+
+
+def benchmark_report(run_dir: Path) -> dict | None:
+    """The published benchmark stage's report.json when it measured any task."""
+    import json
+
+    try:
+        report = json.loads((run_dir / "benchmark" / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return report if report.get("tasks") and (run_dir / "benchmark" / "manifest.json").is_file() else None
 
 
 def cmd_status(args) -> int:
@@ -177,10 +189,17 @@ def published_stage(run_dir: Path, stage: str, needed_for: str) -> Path:
 def cmd_report(args) -> int:
     import json
 
+    from rlhf.benchmark_report import benchmark_tables
     from rlhf.report import shipped_gap_line, summary_table
 
-    report_file = published_stage(Path(args.run_dir), "evaluate", "rlhf report") / "report.json"
-    print(summary_table(json.loads(report_file.read_text())))
+    run_dir = Path(args.run_dir)
+    benchmark = benchmark_report(run_dir) if run_dir.is_dir() else None
+    if benchmark is None or (run_dir / "evaluate" / "manifest.json").is_file():
+        report_file = published_stage(run_dir, "evaluate", "rlhf report") / "report.json"
+        print(summary_table(json.loads(report_file.read_text())))
+    if benchmark is not None:
+        print(f"\nBenchmarks (lm-evaluation-harness; {run_dir / 'benchmark' / 'report.md'}):\n")
+        print(benchmark_tables(benchmark))
     export = Path(args.run_dir) / "export" / "manifest.json"
     metrics = json.loads(export.read_text())["metrics"] if export.is_file() else {}
     if "evaluated_vs_shipped_prompts" in metrics:  # a quantized run: the shipped model is not the evaluated one

@@ -342,10 +342,39 @@ class EvaluateConfig(Section):
     """llm judge: a local model or an OpenAI-compatible endpoint (same keys as instructions.teacher)."""
     num_samples: int = Field(12, ge=0)
     """Side-by-side samples shown in report.md (every prompt's are in samples.jsonl)."""
-    lm_eval_tasks: list[str] = []
-    """lm-evaluation-harness tasks to run on both models (needs the `lm_eval` package; skipped without it)."""
-    lm_eval_limit: int | None = Field(None, gt=0)
-    """Examples per lm-eval task (None: all)."""
+
+
+class BenchmarkTaskConfig(Section):
+    """One lm-evaluation-harness task of the benchmark stage."""
+
+    name: str = Field(min_length=1)
+    """Any lm-eval task (hellaswag, gsm8k, mmlu_anatomy, arc_easy, ...), one of the project's own local tasks
+    (rlhf_word_relations, rlhf_arithmetic), or one from benchmark.include_path."""
+    data_files: str | None = None
+    """A local .jsonl, .json or .parquet copy of the task's data, in the task's original fields (GSM8K's
+    question / answer, ...): the task's own prompt and metric run on it instead of its hub dataset."""
+    limit: int | None = Field(None, gt=0)
+    """The first N items (None: all)."""
+    num_fewshot: int | None = Field(None, ge=0)
+    """Few-shot examples per item (None: the task's own default)."""
+
+
+class BenchmarkConfig(Section):
+    """The benchmark stage: lm-evaluation-harness tasks on the base, SFT and PPO models (rlhf.stages.benchmark)."""
+
+    tasks: list[BenchmarkTaskConfig] = []
+    """Empty: the stage publishes an empty report and loads no model."""
+    include_path: str | None = None
+    """A folder of lm-eval task YAMLs (and their Python helpers) whose tasks `tasks` may name."""
+    batch_size: int = Field(16, gt=0)
+    """Requests per forward in lm-eval (loglikelihoods and generations)."""
+
+    @model_validator(mode="after")
+    def _names_differ(self):
+        names = [task.name for task in self.tasks]
+        if duplicate := next((n for n in names if names.count(n) > 1), None):
+            raise ValueError(f"task '{duplicate}' is listed twice")
+        return self
 
 
 class ExportConfig(Section):
@@ -372,6 +401,7 @@ class PipelineConfig(Section):
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
     export: ExportConfig = ExportConfig()
 
 
@@ -449,12 +479,25 @@ def _check_key_path(key: str) -> None:
     for i, part in enumerate(parts):
         fields = model.model_fields
         if part not in fields:
-            raise UserError(f"override: unknown key '{key}'{_suggest(parts[:i], part, fields)}")
+            raise UserError(f"override: {_unknown_key(key, parts[:i], part, fields)}")
         annotation = fields[part].annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
         elif i < len(parts) - 1:
             raise UserError(f"override: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+
+
+MOVED = {
+    "evaluate.lm_eval_tasks": "benchmark.tasks (a list of {name, data_files?, limit?, num_fewshot?})",
+    "evaluate.lm_eval_limit": "benchmark.tasks[].limit (one per task)",
+}
+"""Keys that left a section: the unknown-key error says where they went."""
+
+
+def _unknown_key(key: str, parent: list[str], name: str, choices) -> str:
+    if key in MOVED:
+        return f"unknown key '{key}': lm-eval runs in the benchmark stage now, set {MOVED[key]}"
+    return f"unknown key '{key}'{_suggest(parent, name, choices)}"
 
 
 def _suggest(parent: list[str], name: str, choices) -> str:
@@ -466,8 +509,7 @@ def _describe(error: dict[str, Any]) -> str:
     loc = [str(p) for p in error["loc"]]
     key = ".".join(loc)
     if error["type"] == "extra_forbidden":
-        fields = _fields_at(loc[:-1])
-        return f"unknown key '{key}'{_suggest(loc[:-1], loc[-1], fields)}"
+        return _unknown_key(key, loc[:-1], loc[-1], _fields_at(loc[:-1]))
     given = error.get("input")
     if isinstance(given, dict):  # a section's own check: its message names the keys
         return f"key '{key}': {error['msg'].removeprefix('Value error, ')}"

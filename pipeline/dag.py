@@ -32,6 +32,22 @@ def reward_function_files(config: PipelineConfig) -> list[Path]:
     return function_files(config.ppo.rewards)
 
 
+def benchmark_files(config: PipelineConfig) -> list[Path]:
+    """The benchmark's local data files and task folders (hashed: editing one reruns the stage). A missing
+    data file is left to the stage, which names the task it belongs to."""
+    from rlhf.lm_harness import SHIPPED_TASKS  # imports no lm_eval
+
+    settings = config.benchmark
+    if not settings.tasks:
+        return []
+    files = [Path(task.data_files) for task in settings.tasks if task.data_files and Path(task.data_files).is_file()]
+    folders = [SHIPPED_TASKS, *([Path(settings.include_path)] if settings.include_path else [])]
+    for folder in folders:
+        if folder.is_dir():
+            files += sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return files
+
+
 # Every stage that samples reads generation.engine (vLLM's numerics are not transformers'); ppo reads the
 # whole section for the importance-sampling correction, less its bookkeeping keys (memory share, eager mode).
 # The training stages read launch.num_processes: every process takes its own batches (or rollouts), so
@@ -88,10 +104,20 @@ STAGES: list[Stage] = [
         outputs=("report.json", "report.md", "samples.jsonl", "plots"),
     ),
     Stage(
+        name="benchmark",
+        module="rlhf.stages.benchmark",
+        reads=("seed", "model", "benchmark"),
+        upstream=("sft", "ppo"),
+        file_inputs=benchmark_files,
+        outputs=("report.json", "report.md", "plots"),
+    ),
+    Stage(
         name="export",
         module="rlhf.stages.export",
         reads=("seed", "model", "lora", "export", "evaluate.num_prompts"),
-        upstream=("instructions", "sft", "ppo", "evaluate"),  # instructions: held-out prompts for the QLoRA gap
+        # instructions: held-out prompts for the QLoRA gap. Not benchmark: its table goes in the model card when
+        # it is there (it runs first in a full run), and export never waits for it.
+        upstream=("instructions", "sft", "ppo", "evaluate"),
         outputs=("model", "adapter"),
     ),
 ]

@@ -94,11 +94,6 @@ def summary_table(report: dict) -> str:
         f"(proxy {delta_proxy:+.4f}, gold {delta_gold:+.4f}, PPO minus SFT).",
         f"KL of PPO to SFT: {models['ppo']['kl']:.4f} per sequence, {budget} ppo.kl_budget = {report['kl_budget']:g}.",
     ]
-    lm_eval = report.get("lm_eval", {})
-    if lm_eval.get("tasks") and lm_eval.get("skipped"):
-        lines.append(f"lm-eval: skipped ({lm_eval['skipped']}).")
-    elif lm_eval.get("results"):
-        lines.append(f"lm-eval: {', '.join(lm_eval['tasks'])} (see report.md).")
     return "\n".join(lines)
 
 
@@ -118,7 +113,7 @@ def shipped_gap_line(gap: dict, quantization: str) -> str:
 
 
 def markdown_report(report: dict, samples: list[dict], plots: list[str], num_samples: int) -> str:
-    """report.md: the table, how it was measured, the plots, lm-eval results and side-by-side samples."""
+    """report.md: the table, how it was measured, the plots and side-by-side samples."""
     decoding = report["decoding"]
     parts = [
         "# Evaluation: SFT vs PPO",
@@ -143,15 +138,6 @@ def markdown_report(report: dict, samples: list[dict], plots: list[str], num_sam
     ]
     if plots:
         parts += ["## Training curves", ""] + [f"![{name}](plots/{name})" for name in plots] + [""]
-    lm_eval = report.get("lm_eval", {})
-    if lm_eval.get("results"):
-        parts += ["## lm-evaluation-harness", "", "| task | metric | sft | ppo |", "|---|---|---:|---:|"]
-        for task, metrics in lm_eval["results"]["sft"].items():
-            for metric, value in metrics.items():
-                other = lm_eval["results"]["ppo"].get(task, {}).get(metric)
-                if isinstance(value, (int, float)):
-                    parts.append(f"| {task} | {metric} | {_number(value)} | {_number(other)} |")
-        parts.append("")
     shown = [row for row in samples if row.get("sample", 0) == 0][:num_samples]  # one per prompt
     if shown:
         parts += [f"## Samples ({len(shown)} of {len(samples)}; all in samples.jsonl)", ""]

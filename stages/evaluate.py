@@ -14,8 +14,8 @@ disabled (SFT), plus the reward adapter and score head (the proxy reward, read e
   SFT, unless top_p < 1 truncates what it samples from (rlhf.stages.ppo's docstring);
 - response length in tokens and the fraction of responses that ended with EOS.
 Then PPO's win rate over SFT under the gold judge, prompt by prompt on each prompt's mean gold score
-(ties counted apart), and a reward-hacking flag (proxy up, gold down). Optionally lm-evaluation-harness
-tasks on both models.
+(ties counted apart), and a reward-hacking flag (proxy up, gold down). General abilities (lm-evaluation-
+harness tasks on the base, SFT and PPO models) are the benchmark stage's (rlhf.stages.benchmark).
 
 Outputs: `report.json`, `report.md` (table, plots, side-by-side samples), `samples.jsonl` (every
 response pair), `plots/` (PNG training curves from the sft, reward and ppo metrics).
@@ -37,13 +37,7 @@ from rlhf.data_builders.json_files import read_conversations, write_jsonl
 from rlhf.data_builders.teacher import build_teacher
 from rlhf.errors import UserError
 from rlhf.generation import Sampling
-from rlhf.models import (
-    fits_context,
-    load_causal_lm,
-    load_tokenizer,
-    pick_device,
-    pick_dtype,
-)
+from rlhf.models import fits_context, load_causal_lm, load_tokenizer
 from rlhf.plots import draw_plots
 from rlhf.report import (
     MODELS,
@@ -121,10 +115,7 @@ def run(ctx: StageContext) -> dict:
     report = build_report(config, len(examples), responses, external, nonfinite)
     samples = sample_rows(rows, responses, settings.samples_per_prompt)
 
-    # 6. Optional: lm-evaluation-harness on both models (needs the lm_eval package; never installed for you).
-    report["lm_eval"] = run_lm_eval(settings, ctx.inputs["sft"] / "merged", ctx.inputs["ppo"] / "policy", config)
-
-    # 7. Save: report.json, samples.jsonl, the training curves, report.md; the same to wandb.
+    # 6. Save: report.json, samples.jsonl, the training curves, report.md; the same to wandb.
     return save(ctx, report, samples)
 
 
@@ -341,34 +332,3 @@ def log_to_wandb(ctx: StageContext, summary: dict, samples: list[dict], plots: l
     wandb_run.summary.update(summary)
     wandb_run.finish()
 
-
-def run_lm_eval(settings, sft_dir: Path, policy_dir: Path, config) -> dict:
-    """lm-evaluation-harness on the SFT model and on SFT + policy adapter (its `peft` argument), when asked
-    for and installed; otherwise a record of what was skipped and why."""
-    tasks = list(settings.lm_eval_tasks)
-    if not tasks:
-        return {"tasks": [], "skipped": "no tasks configured (evaluate.lm_eval_tasks is empty)"}
-    try:
-        import lm_eval
-    except ImportError:
-        reason = "the lm_eval package is not installed (pip install 'lm-eval[hf]' to run these tasks)"
-        console.print(f"evaluate: lm-eval tasks {', '.join(tasks)} skipped: {reason}", markup=False)
-        return {"tasks": tasks, "skipped": reason}
-    common = {
-        "dtype": str(pick_dtype(config.model)).removeprefix("torch."),
-        "device": pick_device(config.model),
-        "trust_remote_code": config.model.trust_remote_code,
-    }
-    results = {}
-    for name, model_args in (("sft", {"pretrained": str(sft_dir)}), ("ppo", {"pretrained": str(sft_dir), "peft": str(policy_dir)})):
-        console.print(f"evaluate: lm-eval {', '.join(tasks)} on {name}")
-        output = lm_eval.simple_evaluate(
-            model="hf",
-            model_args={**model_args, **common},
-            tasks=tasks,
-            limit=settings.lm_eval_limit,
-            batch_size=settings.batch_size,
-        )
-        # Task metrics only; lm-eval's numbers may be numpy types or "N/A": keep what JSON can hold.
-        results[name] = json.loads(json.dumps(output["results"], default=str))
-    return {"tasks": tasks, "limit": settings.lm_eval_limit, "results": results}

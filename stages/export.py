@@ -21,6 +21,7 @@ from rich.console import Console
 from transformers import GenerationConfig
 
 from rlhf.chat_format import ChatFormat
+from rlhf.benchmark_report import benchmark_tables
 from rlhf.config import EMBEDDED_MODEL
 from rlhf.data_builders.json_files import read_conversations
 from rlhf.models import load_causal_lm, load_tokenizer
@@ -29,8 +30,8 @@ from rlhf.runner import StageContext
 
 console = Console(highlight=False, soft_wrap=True)
 
-# The stages whose manifests the model card lists, in pipeline order.
-CARD_STAGES = ("instructions", "sft", "preferences", "reward", "ppo", "evaluate")
+# The stages whose manifests the model card lists, in pipeline order (benchmark when it has run).
+CARD_STAGES = ("instructions", "sft", "preferences", "reward", "ppo", "evaluate", "benchmark")
 HUB_NAMES = {EMBEDDED_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
@@ -201,6 +202,10 @@ def model_card(ctx: StageContext, report: dict, shipped_gap: dict | None = None)
     lines += ["", "## Evaluation", "", summary_table(report)]
     if shipped_gap:
         lines += ["", shipped_gap_line(shipped_gap, config.model.quantization)]
+    # The benchmark stage's table when it was published before export ran (export does not wait for it).
+    benchmark = _read_json(ctx.run_dir / "benchmark" / "report.json") if manifests["benchmark"] else {}
+    if benchmark.get("tasks"):
+        lines += ["", "## Benchmarks (lm-evaluation-harness): base, SFT and this model (PPO)", "", benchmark_tables(benchmark)]
     lines += ["", "## Stages", "", "| stage | fingerprint | finished | metrics |", "|---|---|---|---|"]
     for stage, manifest in manifests.items():
         if manifest:

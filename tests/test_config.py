@@ -49,6 +49,14 @@ def test_resolved_config_round_trips(tmp_path):
         ("lora:\n  r: 0\n", [], "key 'lora.r': Input should be greater than 0"),
         ("- a\n- b\n", [], "expected a mapping of config sections"),
         ("sft: [1\n", [], "cfg.yaml:2: invalid YAML"),
+        ("benchmark:\n  tasks: [{name: gsm8k, limt: 5}]\n", [], "unknown key 'benchmark.tasks.0.limt' (did you mean 'benchmark.tasks.0.limit'?)"),
+        ("benchmark:\n  tasks: [{name: gsm8k, limit: 0}]\n", [], "key 'benchmark.tasks.0.limit': Input should be greater than 0"),
+        ("benchmark:\n  tasks: [{data_files: a.jsonl}]\n", [], "key 'benchmark.tasks.0.name': Field required"),
+        ("benchmark:\n  tasks: [{name: gsm8k}, {name: gsm8k, limit: 3}]\n", [], "key 'benchmark': task 'gsm8k' is listed twice"),
+        ("evaluate:\n  lm_eval_tasks: [hellaswag]\n", [],
+         "unknown key 'evaluate.lm_eval_tasks': lm-eval runs in the benchmark stage now, set benchmark.tasks"),
+        ("seed: 0\n", ["evaluate.lm_eval_limit=5"],
+         "override: unknown key 'evaluate.lm_eval_limit': lm-eval runs in the benchmark stage now, set benchmark.tasks[].limit"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, overrides, message):
@@ -62,3 +70,16 @@ def test_missing_and_non_utf8_files(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(UserError, match="cfg.yaml:2: expected UTF-8 text, found byte 0xff"):
         load_config(write(tmp_path, b"seed: 1\nrun_name: \xff\xfe\n"))
+
+
+def test_benchmark_section(tmp_path):
+    config = load_config(write(tmp_path, "seed: 0\n"))
+    assert config.benchmark.tasks == [] and config.benchmark.include_path is None and config.benchmark.batch_size == 16
+    config = load_config(
+        write(tmp_path, "benchmark:\n  tasks:\n    - {name: gsm8k, data_files: g.jsonl, limit: 50, num_fewshot: 0}\n    - name: hellaswag\n"),
+        ["benchmark.batch_size=4"],
+    )
+    gsm8k, hellaswag = config.benchmark.tasks
+    assert (gsm8k.name, gsm8k.data_files, gsm8k.limit, gsm8k.num_fewshot) == ("gsm8k", "g.jsonl", 50, 0)
+    assert (hellaswag.data_files, hellaswag.limit, hellaswag.num_fewshot) == (None, None, None)
+    assert config.benchmark.batch_size == 4

@@ -41,6 +41,7 @@ def test_smoke_run_publishes_every_stage(smoke_run):
         "preferences": ["train.jsonl", "eval.jsonl", "stats.json"],
         "reward": ["adapter", "score_head.safetensors", "model", "metrics.jsonl"],
         "ppo": ["policy/adapter_model.safetensors", "value/value_head.safetensors", "metrics.jsonl", "samples.jsonl"],
+        "benchmark": ["report.json", "report.md", "plots"],  # no tasks in the smoke config: an empty report
     }
     for stage, files in expected.items():
         manifest = json.loads((smoke_run / stage / "manifest.json").read_text())
@@ -78,7 +79,7 @@ def test_rerun_does_nothing_quickly(smoke_run, capsys):
     assert result.returncode == 0 and "nothing to do" in result.stdout
     assert time.time() - started < 5  # a fresh interpreter included; the runner itself imports no torch
     main(["status", SMOKE, f"output_dir={smoke_run}"])
-    assert capsys.readouterr().out.count("up to date") == 7
+    assert capsys.readouterr().out.count("up to date") == 8
 
 
 def test_changed_sft_key_reruns_only_sft(smoke_run, capsys):

@@ -13,10 +13,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlhf.benchmark_report import build_report
 from rlhf.cli import main
 from rlhf.config import load_config
-from rlhf.report import reward_hacking, summary_table, verdict_scores, win_rate, win_rate_interval
-from rlhf.stages.evaluate import per_prompt_means, run_lm_eval
+from rlhf.report import reward_hacking, verdict_scores, win_rate, win_rate_interval
+from rlhf.stages.evaluate import per_prompt_means
+from rlhf.stages.export import model_card
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -94,7 +96,7 @@ def test_report_holds_every_measure(run_dir):
         models["sft"]["proxy_reward"], models["ppo"]["proxy_reward"], models["sft"]["gold_reward"], models["ppo"]["gold_reward"]
     )
     assert report["kl_budget"] == 8.0 and report["kl_within_budget"] is True
-    assert report["lm_eval"]["skipped"]  # no tasks configured: recorded as skipped
+    assert "lm_eval" not in report  # lm-eval runs in the benchmark stage
 
     samples = [json.loads(line) for line in (run_dir / "evaluate" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and {"prompt", "reference", "sft_response", "ppo_response", "ppo_gold", "ppo_proxy"} <= set(samples[0])
@@ -145,28 +147,6 @@ def test_plots_are_valid_pngs(run_dir):
         assert height > 100 and width > 100
 
 
-def test_lm_eval_runs_both_models_when_installed(run_dir, monkeypatch):
-    calls = []
-
-    def simple_evaluate(**kwargs):
-        calls.append(kwargs)
-        return {"results": {"toy_task": {"acc,none": 0.5, "alias": "toy_task"}}}
-
-    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
-    config = load_config(SMOKE, ["evaluate.lm_eval_tasks=[toy_task]", "evaluate.lm_eval_limit=5"])
-    sft_dir, policy_dir = run_dir / "sft" / "merged", run_dir / "ppo" / "policy"
-    result = run_lm_eval(config.evaluate, sft_dir, policy_dir, config)
-    assert result["results"]["sft"] == result["results"]["ppo"] == {"toy_task": {"acc,none": 0.5, "alias": "toy_task"}}
-    assert [c["model_args"].get("peft") for c in calls] == [None, str(policy_dir)]
-    assert all(c["tasks"] == ["toy_task"] and c["limit"] == 5 and c["model"] == "hf" for c in calls)
-
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
-    skipped = run_lm_eval(config.evaluate, sft_dir, policy_dir, config)
-    assert skipped["tasks"] == ["toy_task"] and "not installed" in skipped["skipped"]
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
-    assert "lm-eval: skipped (the lm_eval package is not installed" in summary_table({**report, "lm_eval": skipped})
-
-
 # --- the export stage --------------------------------------------------------------------------
 
 
@@ -198,6 +178,25 @@ def test_exported_model_loads_with_plain_transformers_and_generates(run_dir):
     assert (run_dir / "export" / "adapter" / "adapter_model.safetensors").is_file()
     # Unquantized: the evaluated and the shipped model are the same weights, nothing to compare.
     assert not any(k.startswith("evaluated_vs_shipped") for k in json.loads((run_dir / "export" / "manifest.json").read_text())["metrics"])
+
+
+def test_model_card_and_report_carry_the_benchmark_when_it_ran(run_dir, tmp_path, capsys):
+    """export does not wait for the benchmark stage; when its output is there, the card and `rlhf report`
+    show its tables."""
+    assert json.loads((run_dir / "benchmark" / "report.json").read_text())["tasks"] == {}  # smoke: no tasks
+    assert "Benchmarks" not in (run_dir / "export" / "model" / "README.md").read_text()
+    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    result = {"metrics": {"acc,none": {"value": 0.5, "stderr": 0.1}}, "samples": 20, "higher_is_better": {"acc": True}}
+    report = build_report([{"name": "toy"}], {m: {"toy": result} for m in ("base", "sft", "ppo")}, {}, {"batch_size": 1, "seed": 0})
+    (copy / "benchmark" / "report.json").write_text(json.dumps(report))
+    ctx = types.SimpleNamespace(config=load_config(SMOKE), run_dir=copy)
+    card = model_card(ctx, json.loads((copy / "evaluate" / "report.json").read_text()))
+    assert "## Benchmarks (lm-evaluation-harness)" in card and "| toy | acc | 20 | 0.5000 ± 0.1960 | 0.5000 ± 0.1960 |" in card
+    assert "| benchmark | `" in card  # its manifest in the stage table
+    capsys.readouterr()
+    assert main(["report", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert "win rate" in out and "| toy | acc | base → PPO | +0.0000 | +0.00 % | +0.0000 ± 0.2772 | no |" in out
 
 
 def test_merged_weights_give_the_adapters_logits(run_dir):
