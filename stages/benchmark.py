@@ -103,20 +103,19 @@ def run(ctx: StageContext) -> dict:
 
 def benchmark_models(ctx: StageContext) -> list[BenchmarkModel]:
     config = ctx.config
-    trust = config.model.trust_remote_code
     base = config.model.name_or_path
     sft_dir, policy_dir = ctx.inputs["sft"] / "merged", ctx.inputs["ppo"] / "policy"
 
     def load_base():
         path = resolve_model(base)
-        return load_causal_lm(path, config.model), load_tokenizer(path, trust)
+        return load_causal_lm(path, config.model), load_tokenizer(path, config.model.trust_remote_code)
 
     def load_sft():
-        return load_causal_lm(str(sft_dir), config.model), load_tokenizer(str(sft_dir), trust)
+        return load_causal_lm(str(sft_dir), config.model), load_tokenizer(str(sft_dir), config.model.trust_remote_code)
 
     def load_ppo():  # as the evaluate stage loads it: the policy adapter on the (quantized) merged SFT model
         model = PeftModel.from_pretrained(load_causal_lm(str(sft_dir), config.model), policy_dir)
-        return model, load_tokenizer(str(sft_dir), trust)
+        return model, load_tokenizer(str(sft_dir), config.model.trust_remote_code)
 
     return [
         BenchmarkModel("base", base, {"base": base, "files": local_files(base)}, load_base),

@@ -45,7 +45,7 @@ def test_smoke_run_publishes_every_stage(smoke_run):
     }
     for stage, files in expected.items():
         manifest = json.loads((smoke_run / stage / "manifest.json").read_text())
-        assert manifest["stage"] == stage and manifest["duration_s"] > 0
+        assert manifest["stage"] == stage and (manifest["duration_s"] > 0 or stage == "benchmark")  # no tasks: ~0 s
         assert all((smoke_run / stage / f).exists() for f in files)
     assert (smoke_run / "config.yaml").exists() and (smoke_run / "sft" / "config.yaml").exists()
     sft = json.loads((smoke_run / "sft" / "manifest.json").read_text())
