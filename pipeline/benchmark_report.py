@@ -195,7 +195,7 @@ def draw_benchmark_plot(report: dict, dest: Path) -> str | None:
     figure = Figure(figsize=(max(5.5, 1.9 * len(rows) + 2), 4), layout="constrained")
     axes = figure.add_subplot(1, 1, 1)
     width = 0.8 / len(MODELS)
-    values = []
+    values, tops = [], []
     for i, model in enumerate(MODELS):
         heights, errors = [], []
         for _, metric, entry in rows:
@@ -203,11 +203,12 @@ def draw_benchmark_plot(report: dict, dest: Path) -> str | None:
             heights.append(score["value"])
             errors.append(0.0 if score["ci95"] is None else (score["ci95"][1] - score["ci95"][0]) / 2)
         values += heights
+        tops += [h + e for h, e in zip(heights, errors)]
         positions = [j + (i - (len(MODELS) - 1) / 2) * width for j in range(len(rows))]
         axes.bar(positions, heights, width, yerr=errors, capsize=4, label=TITLES[model])
     axes.set_xticks(range(len(rows)), [f"{task}\n{metric_label(metric)}" for task, metric, _ in rows])
-    if all(0 <= v <= 1 for v in values):
-        axes.set_ylim(0, 1)
+    if all(0 <= v <= 1 for v in values):  # scores in [0, 1]: the whole range, and every error bar's cap
+        axes.set_ylim(0, max(1.0, *tops) * 1.02)
     axes.set_ylabel("score (95 % interval)")
     axes.grid(axis="y", alpha=0.3)
     axes.legend()

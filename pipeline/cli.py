@@ -123,7 +123,7 @@ def print_results(run_dir: Path) -> None:
     ]
     for label, path, hint in results:
         if path.exists():
-            print(f"{label + ':':<8}{path}{hint}")
+            print(f"{label + ':':<11}{path}{hint}")
 
 
 def benchmark_report(run_dir: Path) -> dict | None:

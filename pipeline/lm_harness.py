@@ -24,6 +24,7 @@ import difflib
 import functools
 import hashlib
 import importlib.resources
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -339,7 +340,15 @@ def harness_model(model, tokenizer, batch_size: int):
     """lm-eval's HFLM around a model the pipeline loaded (its device, dtype and quantization as loaded)."""
     from lm_eval.models.huggingface import HFLM
 
+    logging.getLogger("lm_eval.models.huggingface").addFilter(_loaded_model_warnings)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def _loaded_model_warnings(record: logging.LogRecord) -> bool:
+    """Drop HFLM's two warnings about being handed a loaded model rather than a name: that is how the
+    pipeline loads every model (its quantization, dtype and adapter), on purpose, in one process."""
+    message = record.getMessage()
+    return not message.startswith(("`pretrained` model kwarg is not of type", "Passed an already-initialized model"))
 
 
 @dataclass(frozen=True)
