@@ -102,3 +102,50 @@ def code_state(*paths: str) -> str:
         digest = hashlib.sha256((root / path).read_bytes()).hexdigest()[:12] if (root / path).exists() else "missing"
         parts.append(f"{path} {digest}{' (modified vs HEAD)' if path in dirty else ''}")
     return f"code: HEAD {head or '?'}; " + "; ".join(parts)
+
+
+def bench_env(threads: int | None) -> dict:
+    """The children's environment: no wandb, no tokenizer threads, and `threads` CPU threads when given."""
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def alternate(names: list[str], runs: int, command, work: Path, env: dict, describe=None) -> dict[str, list[dict]]:
+    """`runs` runs of each implementation, alternating which goes first, each a child process:
+    `command(name, result_file)` gives its command line. Logs each run's step times and peak resident set
+    (plus `describe(result)` when given); returns every run's result by name."""
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    for run in range(runs):
+        for name in names if run % 2 == 0 else names[::-1]:
+            result_file = work / f"result-{name}.json"
+            result = run_child(command(name, result_file), result_file, env=env, log_file=work / f"log-{name}-{run}.txt")
+            results[name].append(result)
+            log(
+                f"run {run + 1} {name:<4}: steps {' '.join(f'{s:.2f}' for s in result['step_s'])} s wall, "
+                f"{' '.join(f'{s:.2f}' for s in result['step_cpu_s'])} s CPU; peak RSS {result['peak_rss_mb']:.0f} MB; "
+                f"process {result['wall_s']:.1f} s; load {loadavg()}" + (f"; {describe(result)}" if describe else "")
+            )
+    return results
+
+
+def summarize(results: dict[str, list[dict]], warmup_steps: int) -> dict[str, tuple[float, float, float]]:
+    """Per implementation: (median wall seconds per step, median peak RSS in MB, median CPU seconds per step),
+    the first `warmup_steps` steps of each run left out. Logs one line each."""
+    summary = {}
+    log("")
+    for name, runs in results.items():
+        steps = [s for r in runs for s in r["step_s"][warmup_steps:]]
+        cpu = [s for r in runs for s in r["step_cpu_s"][warmup_steps:]]
+        summary[name] = (median(steps), median(r["peak_rss_mb"] for r in runs), median(cpu))
+        log(f"{name:<4}: {summary[name][0]:.2f} s per step (wall, median of {len(steps)}); {summary[name][2]:.2f} CPU-s per step "
+            f"(user+system, all threads); peak RSS {summary[name][1]:.0f} MB (median of {len(runs)} runs)")
+    return summary
+
+
+def ratio_lines(summary: dict[str, tuple[float, float, float]]) -> None:
+    """The last lines: CPU-time ratio, then `time_ratio=<ours/TRL> mem_ratio=<ours/TRL>`."""
+    ours, trl = summary["ours"], summary["trl"]
+    log(f"CPU time per step, ours/TRL: {ours[2] / trl[2]:.3f} (less sensitive than wall time to other processes on the machine)")
+    log(f"time_ratio={ours[0] / trl[0]:.3f} mem_ratio={ours[1] / trl[1]:.3f}")

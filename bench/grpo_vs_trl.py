@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -239,35 +238,19 @@ def main(argv=None) -> None:
                    f"--max-new-tokens={args.max_new_tokens}", f"--lora-r={args.lora_r}", f"--lora-alpha={args.lora_alpha}",
                    f"--learning-rate={args.learning_rate}", f"--seed={args.seed}"]
     names = [args.only] if args.only else ["ours", "trl"]
-    results: dict[str, list[dict]] = {name: [] for name in names}
-    env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    for run in range(args.runs):
-        for name in names if run % 2 == 0 else names[::-1]:
-            result_file = work / f"result-{name}.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--workdir", str(work), "--child", name,
-                   "--result", str(result_file)]
-            result = h.run_child(cmd, result_file, env=env, log_file=work / f"log-{name}-{run}.txt")
-            results[name].append(result)
-            h.log(
-                f"run {run + 1} {name:<4}: steps {' '.join(f'{s:.2f}' for s in result['step_s'])} s wall; response length "
-                f"{result['response_length']}; peak RSS {result['peak_rss_mb']:.0f} MB; process {result['wall_s']:.1f} s; "
-                f"load {h.loadavg()}"
-            )
-    h.log("")
-    summary = {}
-    for name in names:
-        steps = [s for r in results[name] for s in r["step_s"][args.warmup_steps:]]
-        cpu = [s for r in results[name] for s in r["step_cpu_s"][args.warmup_steps:]]
-        summary[name] = (h.median(steps), h.median(r["peak_rss_mb"] for r in results[name]), h.median(cpu))
-        h.log(f"{name:<4}: {summary[name][0]:.2f} s per step (wall, median of {len(steps)}); {summary[name][2]:.2f} CPU-s "
-              f"per step; peak RSS {summary[name][1]:.0f} MB (median of {len(results[name])} runs)")
+
+    def command(name: str, result_file: Path) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), *passthrough, "--workdir", str(work), "--child", name,
+                "--result", str(result_file)]
+
+    results = h.alternate(names, args.runs, command, work, h.bench_env(args.threads),
+                          describe=lambda result: f"response length {result['response_length']}")
+    summary = h.summarize(results, args.warmup_steps)
     if "ours" in results:
         h.log(f"ours: resident adapters {results['ours'][-1]['resident_adapters']}, backbones {results['ours'][-1]['resident_backbones']}")
     h.log(f"load average after: {h.loadavg()}")
     if not args.only:
-        h.log(f"time_ratio={summary['ours'][0] / summary['trl'][0]:.3f} mem_ratio={summary['ours'][1] / summary['trl'][1]:.3f}")
+        h.ratio_lines(summary)
 
 
 if __name__ == "__main__":

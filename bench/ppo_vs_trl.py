@@ -374,34 +374,13 @@ def main(argv=None) -> None:
                    *(["--trl-gradient-checkpointing"] if args.trl_gradient_checkpointing else [])]
     pythons = {"ours": sys.executable, "trl": trl_python}
     names = [args.only] if args.only else ["ours", "trl"]
-    results: dict[str, list[dict]] = {name: [] for name in names}
-    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    for run in range(args.runs):
-        order = names if run % 2 == 0 else names[::-1]
-        for name in order:
-            result_file = work / f"result-{name}.json"
-            cmd = [pythons[name], str(Path(__file__).resolve()), *passthrough, "--workdir", str(work),
-                   "--child", name, "--result", str(result_file)]
-            result = h.run_child(cmd, result_file, env=env, log_file=work / f"log-{name}-{run}.txt")
-            results[name].append(result)
-            steps = result["step_s"][args.warmup_steps:]
-            h.log(
-                f"run {run + 1} {name:<4}: steps {' '.join(f'{s:.2f}' for s in result['step_s'])} s wall, "
-                f"{' '.join(f'{s:.2f}' for s in result['step_cpu_s'])} s CPU "
-                f"(median counted {h.median(steps):.2f} s wall); peak RSS {result['peak_rss_mb']:.0f} MB; "
-                f"process {result['wall_s']:.1f} s; load {h.loadavg()}"
-            )
 
-    h.log("")
-    summary = {}
-    for name in names:
-        steps = [s for r in results[name] for s in r["step_s"][args.warmup_steps:]]
-        cpu = [s for r in results[name] for s in r["step_cpu_s"][args.warmup_steps:]]
-        summary[name] = (h.median(steps), h.median(r["peak_rss_mb"] for r in results[name]), h.median(cpu))
-        h.log(f"{name:<4}: {summary[name][0]:.2f} s per step (wall, median of {len(steps)}); {summary[name][2]:.2f} CPU-s per step "
-              f"(user+system, all threads); peak RSS {summary[name][1]:.0f} MB (median of {len(results[name])} runs)")
+    def command(name: str, result_file: Path) -> list[str]:
+        return [pythons[name], str(Path(__file__).resolve()), *passthrough, "--workdir", str(work),
+                "--child", name, "--result", str(result_file)]
+
+    results = h.alternate(names, args.runs, command, work, h.bench_env(args.threads))
+    summary = h.summarize(results, args.warmup_steps)
     if "ours" in results:
         ours = results["ours"][-1]
         h.log(f"ours: response length {ours['response_length']}, EOS fraction {ours['eos_fraction']}, "
@@ -410,12 +389,8 @@ def main(argv=None) -> None:
     if "trl" in results:
         h.log(f"trl : EOS tokens per step {results['trl'][-1]['eos_tokens']}")
     h.log(f"load average after: {h.loadavg()}")
-    if args.only:
-        return
-    time_ratio = summary["ours"][0] / summary["trl"][0]
-    mem_ratio = summary["ours"][1] / summary["trl"][1]
-    h.log(f"CPU time per step, ours/TRL: {summary['ours'][2] / summary['trl'][2]:.3f} (less sensitive than wall time to other processes on the machine)")
-    h.log(f"time_ratio={time_ratio:.3f} mem_ratio={mem_ratio:.3f}")
+    if not args.only:
+        h.ratio_lines(summary)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,22 @@ def win_rate(ppo: Sequence[float], sft: Sequence[float], tolerance: float = 1e-9
     }
 
 
+def win_rate_interval(ppo: Sequence[float], sft: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A 95% interval for `win_rate`, bootstrapped over prompts: `resamples` times, draw as many prompts as
+    there are with replacement and take the resample's win rate; the interval is the 2.5th and 97.5th
+    percentiles of those. The prompts are the unit that varies (each already averages its samples), so
+    the interval says how far another draw of held-out prompts could move the win rate. Seeded: the same
+    scores give the same interval."""
+    import random
+
+    outcomes = [p > s + 1e-9 for p, s in zip(ppo, sft, strict=True)]
+    if not outcomes:
+        return 0.0, 0.0
+    rng, n = random.Random(seed), len(outcomes)
+    rates = sorted(sum(rng.choices(outcomes, k=n)) / n for _ in range(resamples))
+    return rates[int(0.025 * resamples)], rates[-int(0.025 * resamples) - 1]
+
+
 def verdict_scores(verdicts: Sequence[int | None]) -> tuple[list[float], list[float]]:
     """Pairwise verdicts on (PPO, SFT) pairs (0: PPO better, 1: SFT better, None: tie) as per-prompt
     gold scores: 1 for the preferred response, 0 for the other, 0.5 each on a tie. The mean of a
@@ -73,12 +89,17 @@ def summary_table(report: dict) -> str:
         "",
         f"{report['prompts']} held-out prompts{_responses_each(report)}; proxy: {report['proxy_reward_model']}; gold: {JUDGES[report['judge']]}.",
         f"PPO vs SFT (gold judge, prompt by prompt): {wins['wins']} wins, {wins['ties']} ties, {wins['losses']} losses "
-        f"(win rate {wins['win_rate']:.3f}; ties as half {wins['win_rate_ties_half']:.3f}).",
+        f"(win rate {wins['win_rate']:.3f}{_interval(report)}; ties as half {wins['win_rate_ties_half']:.3f}).",
         f"Reward hacking: {'YES' if report['reward_hacking'] else 'no'} "
         f"(proxy {delta_proxy:+.4f}, gold {delta_gold:+.4f}, PPO minus SFT).",
         f"KL of PPO to SFT: {models['ppo']['kl']:.4f} per sequence, {budget} ppo.kl_budget = {report['kl_budget']:g}.",
     ]
     return "\n".join(lines)
+
+
+def _interval(report: dict) -> str:
+    low, high = report.get("win_rate_interval") or (None, None)  # reports written before the interval have none
+    return "" if low is None else f", 95% interval {low:.3f}–{high:.3f} over prompts"
 
 
 def shipped_gap_line(gap: dict, quantization: str) -> str:

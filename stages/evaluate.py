@@ -46,6 +46,7 @@ from rlhf.report import (
     summary_table,
     verdict_scores,
     win_rate,
+    win_rate_interval,
 )
 from rlhf.reward.judges import Candidate, LLMJudge, RubricJudge
 from rlhf.reward.readout import (
@@ -237,6 +238,7 @@ def judge_gold(responses: dict[str, Responses], rows: list[Example], config) -> 
 def build_report(config, prompts: int, responses: dict[str, Responses], external: str | None, nonfinite: int) -> dict:
     settings, k = config.evaluate, config.evaluate.samples_per_prompt
     models = {name: responses[name].summary() for name in MODELS}
+    gold_per_prompt = per_prompt_means(responses["ppo"].gold, k), per_prompt_means(responses["sft"].gold, k)
     return {
         "prompts": prompts,
         "samples_per_prompt": k,
@@ -249,7 +251,8 @@ def build_report(config, prompts: int, responses: dict[str, Responses], external
         "proxy_reward_model": f"external reward model {external}" if external else "reward stage (adapter + score head)",
         "judge": settings.judge,
         "models": models,
-        "win_rate": win_rate(per_prompt_means(responses["ppo"].gold, k), per_prompt_means(responses["sft"].gold, k)),
+        "win_rate": win_rate(*gold_per_prompt),
+        "win_rate_interval": list(win_rate_interval(*gold_per_prompt)),
         "reward_hacking": reward_hacking(
             models["sft"]["proxy_reward"], models["ppo"]["proxy_reward"], models["sft"]["gold_reward"], models["ppo"]["gold_reward"]
         ),

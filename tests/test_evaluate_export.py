@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf.benchmark_report import build_report
 from rlhf.cli import main
 from rlhf.config import load_config
-from rlhf.report import reward_hacking, verdict_scores, win_rate
+from rlhf.report import reward_hacking, verdict_scores, win_rate, win_rate_interval
 from rlhf.stages.evaluate import per_prompt_means
 from rlhf.stages.export import model_card
 
@@ -44,6 +44,21 @@ def test_win_rate_counts_ties_apart():
     assert win_rate([0.3 + 1e-12], [0.3])["ties"] == 1  # float noise is a tie, not a win
     with pytest.raises(ValueError):
         win_rate([1.0], [1.0, 2.0])
+
+
+def test_win_rate_interval_bootstraps_over_prompts():
+    # W, W, W, L: a resample's wins are Binomial(4, 3/4). P(0 wins) = 1/256 = 0.004 and P(<= 1 win) =
+    # 13/256 = 0.051, so the 2.5th percentile is 1 win (0.25); P(4 wins) = 81/256 = 0.32 puts the 97.5th at 1.0.
+    assert win_rate_interval([1, 1, 1, 0], [0, 0, 0, 1]) == (0.25, 1.0)
+    # W, L: half the resamples are mixed (0.5), a quarter each all-win or all-loss: the interval is [0, 1].
+    assert win_rate_interval([1, 0], [0, 1]) == (0.0, 1.0)
+    assert win_rate_interval([1, 1, 1], [0, 0, 0]) == (1.0, 1.0)  # every resample wins everywhere
+    assert win_rate_interval([0.5, 0.5], [0.5, 0.5 + 1e-12]) == (0.0, 0.0)  # ties are not wins
+    scores = [0.1 * (i % 7) for i in range(24)], [0.1 * (i % 5) for i in range(24)]
+    low, high = win_rate_interval(*scores)
+    assert low < win_rate(*scores)["win_rate"] < high and win_rate_interval(*scores) == (low, high)  # seeded
+    with pytest.raises(ValueError):
+        win_rate_interval([1.0], [1.0, 2.0])
 
 
 def test_reward_hacking_needs_proxy_up_and_gold_down():
@@ -113,6 +128,8 @@ def test_several_responses_per_prompt_are_judged_prompt_by_prompt(run_dir, tmp_p
     expected = win_rate(per_prompt_means([s["ppo_gold"] for s in samples], 3), per_prompt_means([s["sft_gold"] for s in samples], 3))
     assert {k: report["win_rate"][k] for k in ("wins", "ties", "losses")} == {k: expected[k] for k in ("wins", "ties", "losses")}
     assert report["win_rate"]["prompts"] == 8
+    low, high = report["win_rate_interval"]
+    assert low <= report["win_rate"]["win_rate"] <= high
     markdown = (copy / "evaluate" / "report.md").read_text()
     assert "8 held-out prompts × 3 responses each" in markdown
     shown = [line.split(". ", 1)[1] for line in markdown.splitlines() if line.startswith("### ")]
