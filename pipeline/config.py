@@ -144,6 +144,9 @@ class TrainingSection(Section):
     logging_steps: int = Field(5, gt=0, json_schema_extra=BOOKKEEPING)
     save_steps: int = Field(50, gt=0, json_schema_extra=BOOKKEEPING)
     gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    """Batch examples of similar length together (transformers' LengthGroupedSampler: sorted within random
+    groups of 4 batches or fewer), so a batch pads little; false: uniformly shuffled batches."""
 
 
 class SFTConfig(TrainingSection):

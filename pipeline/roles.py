@@ -20,11 +20,11 @@ import torch
 from peft import get_peft_model
 
 from rlhf.chat_format import ChatFormat
-from rlhf.generation import Sampling, sampling_scores
+from rlhf.generation import CACHE_ARGUMENT, Sampling, sampling_scores, shared_prefix_cache
 from rlhf.models import peft_lora_config
 from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
-from rlhf.reward.readout import attach_reward_adapter, last_token_batch
-from rlhf.rollout import Rollout, reward_sequences
+from rlhf.reward.readout import attach_reward_adapter
+from rlhf.rollout import Rollout, reward_inputs
 
 TRAINABLE_ADAPTERS = ("policy", "value")
 
@@ -62,19 +62,34 @@ class Roles:
         for parameter in self.trainable:
             parameter.requires_grad_(True)
 
-    def _hidden(self, batch) -> torch.Tensor:
-        inner = self.model.get_base_model().base_model  # the transformer body, without the LM head
-        return inner(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).last_hidden_state
+    @property
+    def _body(self):
+        """The transformer body, without the LM head (the value and reward heads read its hidden states)."""
+        return self.model.get_base_model().base_model
+
+    def _from_last_prompt_token(self, module, rollout: Rollout, **kwargs):
+        """module's output from each row's last prompt token on (T + 1 positions). Without gradients, a prompt
+        that several rows share (K samples per prompt) goes through the backbone once (its cached keys and
+        values are copied to those rows); with them, every row runs whole, so the policy's gradient reaches
+        its own prompt positions."""
+        start = rollout.context_length - 1
+        cache = None if torch.is_grad_enabled() else shared_prefix_cache(
+            self.model, rollout.input_ids, rollout.attention_mask, rollout.position_ids, rollout.context_length
+        )
+        if cache is None:
+            output = module(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                            position_ids=rollout.position_ids, use_cache=False, **kwargs)
+            return output, start
+        output = module(input_ids=rollout.input_ids[:, start:], attention_mask=rollout.attention_mask,
+                        position_ids=rollout.position_ids[:, start:], **{CACHE_ARGUMENT: cache}, **kwargs)
+        return output, 0
 
     def _response_logits(self, rollout: Rollout) -> torch.Tensor:
         """[B, T, V]: the model's own logits for each response token, from its forward (so with whatever
         it does after the LM head: Gemma 2's final softcapping, Cohere's and Granite's logit scaling).
         Hidden state t predicts token t+1: only the last T + 1 positions go through the LM head (with a
         49k vocabulary, the prompt's logits would cost more than the backbone)."""
-        output = self.model(
-            input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids,
-            logits_to_keep=rollout.responses.shape[1] + 1, use_cache=False,
-        )
+        output, _ = self._from_last_prompt_token(self.model, rollout, logits_to_keep=rollout.responses.shape[1] + 1)
         return output.logits[:, :-1]
 
     def policy_logprobs(self, rollout: Rollout, sampling: Sampling):
@@ -106,16 +121,18 @@ class Roles:
     def values(self, rollout: Rollout) -> torch.Tensor:
         """[B, T]: the value of the state before each response token."""
         self.use("value")
-        hidden = self._hidden(rollout)[:, rollout.context_length - 1 : -1]
+        output, start = self._from_last_prompt_token(self._body, rollout)
+        hidden = output.last_hidden_state[:, start:-1]
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def scores(self, rollout: Rollout) -> torch.Tensor:
         """[B]: the reward adapter's score of each response, read as the reward model was trained to read
         it: at the last token of prompt + response + (the end of turn, when finished)."""
         self.use("reward")
-        batch = last_token_batch(reward_sequences(rollout, self.chat), self.chat.tokenizer.pad_token_id, rollout.mask.device)
-        hidden = self._hidden(batch)
-        at_last = hidden[torch.arange(hidden.shape[0]), batch.last]
+        inputs = reward_inputs(rollout, self.chat)
+        output, start = self._from_last_prompt_token(self._body, inputs)
+        last = start + inputs.mask.sum(1).long()  # the column context_length + length − 1
+        at_last = output.last_hidden_state[torch.arange(last.shape[0]), last]
         return self.reward_head(at_last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
 
     @property

@@ -206,3 +206,26 @@ def reward_sequences(rollout: Rollout, chat: ChatFormat) -> list[list[int]]:
         prompt = [token for token, real in zip(ids[:context], attention[:context]) if real]
         sequences.append(chat.assemble(prompt, ids[context : context + length], finished))
     return sequences
+
+
+def reward_inputs(rollout: Rollout, chat: ChatFormat) -> Rollout:
+    """Each row's reward-model input (`reward_sequences`: the prompt, the response without its EOS, the end of
+    turn when finished) in the rollout's own layout: the same left-padded prompt columns, then the rest of the
+    sequence right-padded, `mask` on it. The score is read at column context_length + mask.sum(1) − 1; rows
+    that share a prompt share its columns, so its forward can be shared (rlhf.roles.Roles)."""
+    context = rollout.context_length
+    lengths = rollout.attention_mask[:, :context].sum(1).tolist()
+    tails = [sequence[length:] for sequence, length in zip(reward_sequences(rollout, chat), lengths)]
+    width, pad = max(len(t) for t in tails), chat.tokenizer.pad_token_id
+    device = rollout.input_ids.device
+    tail_ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], dtype=torch.long, device=device).reshape(len(tails), width)
+    tail_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails], dtype=torch.long, device=device).reshape(len(tails), width)
+    attention_mask = torch.cat([rollout.attention_mask[:, :context], tail_mask], dim=1)
+    return replace(
+        rollout,
+        input_ids=torch.cat([rollout.input_ids[:, :context], tail_ids], dim=1),
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0),
+        mask=tail_mask.float(),
+        logprobs=None,
+    )

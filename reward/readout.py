@@ -6,9 +6,9 @@ pipeline uses is read at the same position of the same tokens:
 - `classifier_scores`: a sequence-classification model (the standalone `reward/model`, an external reward
   model, the preferences judge), right-padded as in training, read by the model itself at its last
   non-pad token; rlhf.models.load_tokenizer picks a pad token that is never that last token;
-- `last_token_batch`: the same sequences as tensors for the ppo and evaluate stages, which read the reward
-  adapter's hidden state at `last` on their shared backbone (rlhf.roles.Roles.scores), the adapter and
-  score head loaded by `attach_reward_adapter`.
+- the ppo and evaluate stages read the reward adapter's hidden state at the last token of the same sequences
+  on their shared backbone (rlhf.roles.Roles.scores, the sequences laid out by rlhf.rollout.reward_inputs),
+  the adapter and score head loaded by `attach_reward_adapter`.
 """
 
 from __future__ import annotations

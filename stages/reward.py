@@ -111,6 +111,7 @@ def build_trainer(config, model, tokenizer, data, checkpoints, history: StageHis
         **trainer_arguments(config.reward, config, checkpoints, "reward", wandb),
         center_rewards_coefficient=config.reward.center_rewards_coefficient,
         disable_dropout=True,
+        remove_unused_columns=False,  # keeps `length` for the sampler; TRL's collator reads only the ids
     )
     return GuardedRewardTrainer(
         model=model,
@@ -191,15 +192,16 @@ class PreferencePair:
 
 
 def tokenize_pairs(pairs: list[PreferencePair], chat: ChatFormat) -> Dataset:
-    """TRL's pre-tokenized form (`chosen_ids`, `rejected_ids`), rendered by the one reward readout."""
+    """TRL's pre-tokenized form (`chosen_ids`, `rejected_ids`), rendered by the one reward readout, and the
+    pair's `length` (its longer side)."""
 
     def ids(pair: PreferencePair, side: list[dict], finished: bool) -> list[int]:
         return chat.reward_ids(pair.prompt_for(side), side[-1]["content"], finished)
 
-    return Dataset.from_list([
-        {"chosen_ids": ids(p, p.chosen, p.chosen_finished), "rejected_ids": ids(p, p.rejected, p.rejected_finished)}
-        for p in pairs
-    ])
+    rows = [{"chosen_ids": ids(p, p.chosen, p.chosen_finished), "rejected_ids": ids(p, p.rejected, p.rejected_finished)}
+            for p in pairs]
+    # A batch pads both sides to its longest sequence: the length that reward.group_by_length groups pairs by.
+    return Dataset.from_list([row | {"length": max(len(row["chosen_ids"]), len(row["rejected_ids"]))} for row in rows])
 
 
 def load_pairs(path: Path) -> list[PreferencePair]:

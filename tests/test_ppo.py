@@ -393,3 +393,29 @@ def test_micro_batches_drop_shared_padding_and_score_the_same(upstream):
             whole = forward(rollout)
             in_parts = in_micro_batches(forward, rollout, 2)
             assert torch.allclose(in_parts, whole, atol=1e-5), name
+
+
+def test_rows_sharing_a_prompt_get_its_forward_once_and_the_same_log_probs_and_values(upstream):
+    """K samples per prompt (grpo, rloo; evaluate's samples): without gradients the shared prompt goes through
+    the backbone once per distinct prompt; log-probs, values and reward scores equal those of each row run alone."""
+    roles, _, config = setup_roles(upstream)
+    prompts = ppo.load_prompts(upstream / "instructions" / "train.jsonl", roles.chat, 2, 0)[0]
+    torch.manual_seed(0)
+    rollout = sample(roles, [p for p in prompts for _ in range(3)], config.ppo)
+    shapes = []
+    hook = roles.model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        together = [roles.reference_logprobs(rollout, Sampling(0.7)), roles.values(rollout),
+                    roles.policy_logprobs(rollout, Sampling(0.7))[0]]
+    hook.remove()
+    width, columns = rollout.context_length, rollout.input_ids.shape[1]
+    assert shapes == [(2, width - 1), (6, columns - width + 1)] * 3  # each prompt once, then the responses
+    with torch.no_grad():
+        alone = [torch.cat([f(rollout.rows(torch.tensor([i]))) for i in range(6)]) for f in (
+            lambda r: roles.reference_logprobs(r, Sampling(0.7)), roles.values,
+            lambda r: roles.policy_logprobs(r, Sampling(0.7))[0])]
+    for shared, single in zip(together, alone):
+        assert torch.allclose(shared * rollout.mask, single * rollout.mask, atol=1e-4)
+    with torch.no_grad():  # the reward adapter's score, read at the last token of each row's reward input
+        scores, single_scores = roles.scores(rollout), torch.cat([roles.scores(rollout.rows(torch.tensor([i]))) for i in range(6)])
+    assert torch.allclose(scores, single_scores, atol=1e-4)
