@@ -7,6 +7,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # helper modules beside the tests (fake servers, fake stages)
 REPO = Path(__file__).resolve().parent.parent
+# Before any test module imports huggingface_hub: it reads HF_HUB_OFFLINE once, at import, and without it
+# every lookup of a model that is not cached waits on the network's timeouts and retries.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -16,7 +19,6 @@ def _isolated_environment(tmp_path_factory):
     os.environ.setdefault("RLHF_CACHE_DIR", str(tmp_path_factory.mktemp("rlhf-cache")))
     os.environ["WANDB_SILENT"] = "true"
     os.environ.pop("WANDB_API_KEY", None)
-    os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["RLHF_CPU_BF16"] = "0"  # model.dtype auto: float32 on every CPU, whatever its instructions
     yield
 
