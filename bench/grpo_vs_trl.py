@@ -13,8 +13,8 @@ What runs:
 - TRL: `GRPOTrainer` as its docs show it: the backbone plus `peft_config` (reference = adapter disabled),
   num_generations K, beta = our kl_coef, the reward model = the same reward adapter merged into its own
   `AutoModelForSequenceClassification` (TRL scores with a separate model), gradient checkpointing off
-  (GRPOConfig turns it on by default; ours has none), loss_type left at TRL's default (dapo: token-level,
-  as ours).
+  on both sides (GRPOConfig turns it on by default; `--gradient-checkpointing` turns it on for both: TRL's
+  and our `ppo.gradient_checkpointing`), loss_type left at TRL's default (dapo: token-level, as ours).
 - Same: prompts, K, rollout size (ROLLOUT completions per optimizer step: TRL's per-device batch × its
   gradient accumulation, generation batch = the same, so one generation per step in both), one
   iteration per rollout, LoRA rank/alpha (all linear layers), learning rate, temperature 1.0, seed, fp32 on
@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, help="CPU threads per run (OMP_NUM_THREADS; default: one per core)")
     parser.add_argument("--workdir", help="scratch directory (default /tmp/rlhf-bench-grpo-<model>)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass on both sides (TRL's default; ours: ppo.gradient_checkpointing)")
     parser.add_argument("--only", choices=["ours", "trl"], help="run one implementation only (no ratios)")
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -86,6 +88,7 @@ def write_our_config(args, work: Path) -> None:
         advantage_estimator="grpo", samples_per_prompt=args.samples_per_prompt, kl_in="loss", kl_coef=KL_COEF,
         missing_eos_penalty=None, mini_batch_size=args.rollout_batch_size, ppo_epochs=1,
         num_prompts=args.rollout_batch_size, sample_every=never, save_every=never,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     (work / "ours.yaml").write_text(json.dumps(ours, indent=1))
 
@@ -175,7 +178,7 @@ def child_trl(args, work: Path) -> dict:
         bf16=False,
         fp16=False,
         use_cpu=True,
-        gradient_checkpointing=False,
+        gradient_checkpointing=args.gradient_checkpointing,
         save_strategy="no",
         report_to="none",
         logging_steps=1,
@@ -231,12 +234,14 @@ def main(argv=None) -> None:
         f"model {args.model}, fp32, LoRA r={args.lora_r} alpha={args.lora_alpha} (all linear layers); {args.steps} steps x "
         f"{args.rollout_batch_size} completions ({args.rollout_batch_size // args.samples_per_prompt} prompts x K={args.samples_per_prompt}), "
         f"micro-batch {args.micro_batch_size}, {args.max_new_tokens} new tokens, beta {KL_COEF} (k3 in the loss); "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} on both sides; "
         f"{args.runs} runs each, alternating; first {args.warmup_steps} step(s) of each run left out"
     )
     passthrough = [f"--model={args.model}", f"--steps={args.steps}", f"--samples-per-prompt={args.samples_per_prompt}",
                    f"--rollout-batch-size={args.rollout_batch_size}", f"--micro-batch-size={args.micro_batch_size}",
                    f"--max-new-tokens={args.max_new_tokens}", f"--lora-r={args.lora_r}", f"--lora-alpha={args.lora_alpha}",
-                   f"--learning-rate={args.learning_rate}", f"--seed={args.seed}"]
+                   f"--learning-rate={args.learning_rate}", f"--seed={args.seed}",
+                   *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     names = [args.only] if args.only else ["ours", "trl"]
 
     def command(name: str, result_file: Path) -> list[str]:
