@@ -134,17 +134,36 @@ def shared_prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Te
     """The KV cache of the first `width` - 1 columns of each row, computed once for each distinct prefix (the
     first `width` columns: a left-padded prompt) and copied to the rows that repeat it; None when no prefix
     repeats. The caller runs the columns from `width` - 1 on with it: from each row's last prompt token, so the
-    first logits it gets are those a whole-row forward gives there. No gradient flows into the cache."""
+    first logits it gets are those a whole-row forward gives there.
+
+    Under gradients the cache is part of the graph: each row's backward reaches the one prefix forward, so
+    the gradients equal those of every row run whole. None when activation checkpointing would drop the cache
+    (transformers' checkpointed layers run without one): then every row runs whole."""
     distinct, rows = torch.unique(input_ids[:, :width], dim=0, return_inverse=True)
-    if distinct.shape[0] == input_ids.shape[0] or width < 2:
+    if distinct.shape[0] == input_ids.shape[0] or width < 2 or (torch.is_grad_enabled() and checkpointing(model)):
         return None
     one_row = torch.empty(distinct.shape[0], dtype=torch.long, device=input_ids.device)
     one_row.scatter_(0, rows, torch.arange(len(rows), device=input_ids.device))  # any row of a prefix: they are equal
-    with torch.no_grad():
-        cache = model(input_ids=input_ids[one_row, : width - 1], attention_mask=attention_mask[one_row, : width - 1],
-                      position_ids=position_ids[one_row, : width - 1], use_cache=True, logits_to_keep=1).past_key_values
+    output = transformer_body(model)(
+        input_ids=input_ids[one_row, : width - 1], attention_mask=attention_mask[one_row, : width - 1],
+        position_ids=position_ids[one_row, : width - 1], use_cache=True,
+    )
+    cache = output[CACHE_ARGUMENT]
     cache.batch_select_indices(rows)
     return cache
+
+
+def transformer_body(model):
+    """The decoder stack of a transformers or PEFT model, without its head (LM or score head): what a
+    prefix's KV cache needs, whatever the model reads out after it."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model.base_model
+
+
+def checkpointing(model) -> bool:
+    """Whether a forward building a graph would run checkpointed layers (rlhf.models.enable_checkpointing_with_grad
+    or TrainingArguments' gradient checkpointing)."""
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
 
 
 @contextlib.contextmanager

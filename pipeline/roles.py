@@ -68,14 +68,11 @@ class Roles:
         return self.model.get_base_model().base_model
 
     def _from_last_prompt_token(self, module, rollout: Rollout, **kwargs):
-        """module's output from each row's last prompt token on (T + 1 positions). Without gradients, a prompt
-        that several rows share (K samples per prompt) goes through the backbone once (its cached keys and
-        values are copied to those rows); with them, every row runs whole, so the policy's gradient reaches
-        its own prompt positions."""
+        """module's output from each row's last prompt token on (T + 1 positions). A prompt that several rows
+        share (K samples per prompt) goes through the backbone once, its keys and values copied to those rows;
+        in the update's forwards with gradients, so the gradient still reaches the prompt positions."""
         start = rollout.context_length - 1
-        cache = None if torch.is_grad_enabled() else shared_prefix_cache(
-            self.model, rollout.input_ids, rollout.attention_mask, rollout.position_ids, rollout.context_length
-        )
+        cache = shared_prefix_cache(self.model, rollout.input_ids, rollout.attention_mask, rollout.position_ids, rollout.context_length)
         if cache is None:
             output = module(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
                             position_ids=rollout.position_ids, use_cache=False, **kwargs)
