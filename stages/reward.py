@@ -17,14 +17,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from rich.console import Console
 from safetensors.torch import load_file, save_file
+from transformers.modeling_outputs import SequenceClassifierOutput
 from trl import RewardConfig, RewardTrainer
 
 from rlhf.chat_format import ChatFormat
 from rlhf.data_builders.json_files import iter_json_records, read_utf8
 from rlhf.errors import UserError
+from rlhf.generation import CACHE_ARGUMENT, shared_prefix_cache
 from rlhf.models import load_reward_model, load_tokenizer, peft_lora_config
 from rlhf.reward.readout import RewardModel
 from rlhf.runner import StageContext
@@ -157,7 +160,53 @@ def publish(ctx: StageContext, tokenizer, backbone: str, history: StageHistory) 
 
 
 class GuardedRewardTrainer(StopOnNonFinite, RewardTrainer):
-    """TRL's RewardTrainer, stopped by a non-finite loss or gradient (rlhf.training.StopOnNonFinite)."""
+    """TRL's RewardTrainer, stopped by a non-finite loss or gradient (rlhf.training.StopOnNonFinite), with
+    each pair's prompt run once (PromptOnce): TRL's loss and metrics, on the same logits."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        forward = PromptOnce(model, self.processing_class.pad_token_id)
+        return super().compute_loss(forward, inputs, return_outputs, num_items_in_batch)
+
+
+@dataclass
+class PromptOnce:
+    """The reward model's forward on TRL's batch of pairs ([2B, L] right-padded: B chosen rows, then their B
+    rejected rows), running the tokens a pair's two rows begin with (its prompt, and any words both answers
+    start with) once. Each row is laid out as that shared prefix, left-padded, then its own tail; the
+    prefix's keys and values, computed with gradients, feed both rows (rlhf.generation.shared_prefix_cache),
+    and the model reads its score at the last token of the tail: where it reads it on the whole row. The same
+    logits and gradients as `model(**inputs)`."""
+
+    model: object
+    pad_id: int
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = False):
+        ids, mask, width = prefix_layout(input_ids, attention_mask, self.pad_id)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = shared_prefix_cache(self.model, ids, mask, positions, width)
+        if cache is None:  # under activation checkpointing: whole rows
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        start = width - 1
+        output = self.model(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:], **{CACHE_ARGUMENT: cache})
+        return SequenceClassifierOutput(logits=output.logits)
+
+
+def prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """TRL's [2B, L] right-padded pair rows re-laid as ([2B, W + T] ids, mask, W): row r holds its pair's
+    shared prefix (the leading tokens both rows of the pair have) right-aligned in the first W columns, then its
+    own remaining tokens, right-padded. Both rows of a pair are equal in their first W columns."""
+    pairs = input_ids.shape[0] // 2
+    lengths = attention_mask.sum(1).tolist()
+    same = (input_ids[:pairs] == input_ids[pairs:]) & attention_mask[:pairs].bool() & attention_mask[pairs:].bool()
+    shared = same.long().cumprod(1).sum(1).tolist()  # each pair's leading run of equal tokens
+    prefix = [shared[r % pairs] for r in range(len(lengths))]
+    width, tail = max(prefix), max(n - p for n, p in zip(lengths, prefix))
+    ids = torch.full((len(lengths), width + tail), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+    mask = torch.zeros_like(ids, dtype=attention_mask.dtype)
+    for row, (n, p) in enumerate(zip(lengths, prefix)):
+        ids[row, width - p : width - p + n] = input_ids[row, :n]
+        mask[row, width - p : width - p + n] = 1
+    return ids, mask, width
 
 
 def use_external_reward_model(ctx: StageContext, pairs: list[PreferencePair]) -> dict:
