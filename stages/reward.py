@@ -161,11 +161,14 @@ def publish(ctx: StageContext, tokenizer, backbone: str, history: StageHistory) 
 
 class GuardedRewardTrainer(StopOnNonFinite, RewardTrainer):
     """TRL's RewardTrainer, stopped by a non-finite loss or gradient (rlhf.training.StopOnNonFinite), with
-    each pair's prompt run once (PromptOnce): TRL's loss and metrics, on the same logits."""
+    each pair's prompt run once (PromptOnce): TRL's loss and metrics, on the same logits. Under a launcher the
+    model is wrapped (DDP, DeepSpeed), and a wrapper syncs gradients from its own one forward per step: there
+    every row runs whole."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        forward = PromptOnce(model, self.processing_class.pad_token_id)
-        return super().compute_loss(forward, inputs, return_outputs, num_items_in_batch)
+        if self.accelerator.unwrap_model(model) is model:
+            model = PromptOnce(model, self.processing_class.pad_token_id)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 @dataclass
@@ -184,7 +187,7 @@ class PromptOnce:
         ids, mask, width = prefix_layout(input_ids, attention_mask, self.pad_id)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = shared_prefix_cache(self.model, ids, mask, positions, width)
-        if cache is None:  # under activation checkpointing: whole rows
+        if cache is None:  # activation checkpointing drops a cache: whole rows
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         start = width - 1
         output = self.model(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:], **{CACHE_ARGUMENT: cache})

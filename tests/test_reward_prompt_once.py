@@ -94,3 +94,14 @@ def test_prefix_layout_aligns_each_pairs_shared_tokens():
     assert width == 3
     assert laid.tolist() == [[0, 1, 2, 3], [6, 7, 8, 9], [0, 1, 2, 4], [6, 7, 8, 5]]
     assert laid_mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]]
+
+
+def test_the_trainers_own_training_step_runs_each_prompt_once(tmp_path):
+    """Through Trainer.train (the model as the trainer hands it to compute_loss, unwrapped in one process)."""
+    trainer = trainer_for(tmp_path, checkpointing=False)
+    trainer.args.max_steps = 1
+    shapes = []
+    hook = trainer.model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    trainer.train()
+    hook.remove()
+    assert [rows for rows, _ in shapes] == [6, 12]  # 6 pairs: their prompts, then their 12 rows' own tokens
