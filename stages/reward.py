@@ -184,7 +184,10 @@ class PromptOnce:
     pad_id: int
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = False):
-        ids, mask, width = prefix_layout(input_ids, attention_mask, self.pad_id)
+        layout = prefix_layout(input_ids, attention_mask, self.pad_id)
+        if layout is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        ids, mask, width = layout
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = shared_prefix_cache(self.model, ids, mask, positions, width)
         if cache is None:  # activation checkpointing drops a cache: whole rows
@@ -194,16 +197,20 @@ class PromptOnce:
         return SequenceClassifierOutput(logits=output.logits)
 
 
-def prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """TRL's [2B, L] right-padded pair rows re-laid as ([2B, W + T] ids, mask, W): row r holds its pair's
     shared prefix (the leading tokens both rows of the pair have) right-aligned in the first W columns, then its
-    own remaining tokens, right-padded. Both rows of a pair are equal in their first W columns."""
+    own remaining tokens, right-padded. Both rows of a pair are equal in their first W columns. None when the
+    prefixes once and the tails (B·(W − 1) + 2B·(T + 1) tokens) are not fewer than the rows as they are (2B·L):
+    a long prompt and a long answer in one batch pad both parts to their longest."""
     pairs = input_ids.shape[0] // 2
     lengths = attention_mask.sum(1).tolist()
     same = (input_ids[:pairs] == input_ids[pairs:]) & attention_mask[:pairs].bool() & attention_mask[pairs:].bool()
     shared = same.long().cumprod(1).sum(1).tolist()  # each pair's leading run of equal tokens
     prefix = [shared[r % pairs] for r in range(len(lengths))]
     width, tail = max(prefix), max(n - p for n, p in zip(lengths, prefix))
+    if pairs * (width - 1) + 2 * pairs * (tail + 1) >= input_ids.numel():
+        return None
     ids = torch.full((len(lengths), width + tail), pad_id, dtype=input_ids.dtype, device=input_ids.device)
     mask = torch.zeros_like(ids, dtype=attention_mask.dtype)
     for row, (n, p) in enumerate(zip(lengths, prefix)):

@@ -96,6 +96,13 @@ def test_prefix_layout_aligns_each_pairs_shared_tokens():
     assert laid_mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]]
 
 
+def test_a_batch_that_sharing_would_make_longer_runs_whole():
+    """A pair with a long shared prompt beside one with long answers: prefixes and tails padded to their
+    longest would be 2 × 5 + 4 × 7 = 38 tokens against the rows' 4 × 7 = 28: no layout (every row whole)."""
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [8, 9, 9, 9, 9, 9, 0], [1, 2, 3, 4, 5, 6, 0], [8, 7, 7, 7, 7, 7, 7]])
+    assert reward.prefix_layout(ids, (ids != 0).long(), pad_id=0) is None
+
+
 def test_the_trainers_own_training_step_runs_each_prompt_once(tmp_path):
     """Through Trainer.train (the model as the trainer hands it to compute_loss, unwrapped in one process)."""
     trainer = trainer_for(tmp_path, checkpointing=False)
