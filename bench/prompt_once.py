@@ -1,7 +1,8 @@
 """Forward + backward on a run's own batches with every row whole, against each shared prompt run once:
 
-- reward: the reward stage's training batches (a pair's chosen and rejected rows share their prompt), TRL's
-  RewardTrainer.compute_loss (every row whole) against the stage's (rlhf.stages.reward.PromptOnce);
+- reward: the reward stage's training batches (a pair's chosen and rejected rows share their prompt), the
+  trainer's training_step with TRL's RewardTrainer.compute_loss (every row whole) against the stage's own
+  (rlhf.stages.reward.PromptOnce);
 - ppo: the update's micro-batches of a grpo rollout (K responses per prompt), the policy log-probs' forward
   and backward with the prompt per row against each distinct prompt once (rlhf.generation.shared_prefix_cache).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -80,18 +82,22 @@ def reward_batches(run_dir: Path, config, count: int):
 
 
 def bench_reward(run_dir: Path, config, count: int, rounds: int) -> float:
+    """The trainer's own training_step (its autocast, loss, backward) on each batch, without the optimizer."""
     trainer, batches = reward_batches(run_dir, config, count)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop, which this skips
     model = trainer.model.train()
 
-    def steps(compute_loss):
-        def run():
-            for batch in batches:
-                compute_loss(trainer, model, dict(batch)).backward()
-            model.zero_grad(set_to_none=True)
-        return run
+    def shared():
+        for batch in batches:
+            trainer.training_step(model, dict(batch))
+        model.zero_grad(set_to_none=True)
 
-    print(f"reward: {len(batches)} batches of {config.reward.batch_size} pairs")
-    return compare("reward", model, steps(RewardTrainer.compute_loss), steps(reward.GuardedRewardTrainer.compute_loss), rounds)
+    def whole():  # TRL's compute_loss: chosen and rejected rows whole
+        with mock.patch.object(trainer, "compute_loss", partial(RewardTrainer.compute_loss, trainer)):
+            shared()
+
+    print(f"reward: {len(batches)} batches of {config.reward.batch_size} pairs, autocast {trainer.args.bf16 and 'bf16' or 'off'}")
+    return compare("reward", model, whole, shared, rounds)
 
 
 def bench_ppo(run_dir: Path, config, rounds: int) -> float:
