@@ -20,7 +20,7 @@ import torch
 from peft import get_peft_model
 
 from rlhf.chat_format import ChatFormat
-from rlhf.generation import CACHE_ARGUMENT, Sampling, sampling_scores, shared_prefix_cache
+from rlhf.generation import CACHE_ARGUMENT, Sampling, sampling_scores, shared_prefix_cache, transformer_body
 from rlhf.models import peft_lora_config
 from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
 from rlhf.reward.readout import attach_reward_adapter
@@ -65,7 +65,7 @@ class Roles:
     @property
     def _body(self):
         """The transformer body, without the LM head (the value and reward heads read its hidden states)."""
-        return self.model.get_base_model().base_model
+        return transformer_body(self.model)
 
     def _from_last_prompt_token(self, module, rollout: Rollout, **kwargs):
         """module's output from each row's last prompt token on (T + 1 positions). A prompt that several rows
