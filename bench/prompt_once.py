@@ -29,7 +29,7 @@ from rlhf import roles as roles_module
 from rlhf.chat_format import ChatFormat
 from rlhf.config import load_config
 from rlhf.generation import Sampling
-from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, pick_dtype
 from rlhf.preemption import StopOnSigterm
 from rlhf.roles import Roles, build_actor_critic
 from rlhf.rollout import by_prompt_length, generate_rollout
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     config = load_config(args.run_dir / "config.yaml", [f"output_dir={args.run_dir}"])
-    print(f"{args.run_dir}: dtype {config.model.dtype}, torch threads {torch.get_num_threads()}")
+    print(f"{args.run_dir}: model.dtype {config.model.dtype} ({pick_dtype(config.model)}), torch threads {torch.get_num_threads()}")
     reward_ratio = bench_reward(args.run_dir, config, args.batches, args.rounds)
     ppo_ratio = bench_ppo(args.run_dir, config, args.rounds)
     print(f"reward_time_ratio={reward_ratio:.3f} ppo_time_ratio={ppo_ratio:.3f}")

@@ -185,12 +185,12 @@ class PromptOnce:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = False):
         layout = prefix_layout(input_ids, attention_mask, self.pad_id)
-        if layout is None:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        ids, mask, width = layout
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = shared_prefix_cache(self.model, ids, mask, positions, width)
-        if cache is None:  # activation checkpointing drops a cache: whole rows
+        cache = None
+        if layout is not None:
+            ids, mask, width = layout
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            cache = shared_prefix_cache(self.model, ids, mask, positions, width)  # None under activation checkpointing
+        if cache is None:  # whole rows
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         start = width - 1
         output = self.model(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:], **{CACHE_ARGUMENT: cache})
