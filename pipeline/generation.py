@@ -1,9 +1,9 @@
 """Sampling with a local model: what the teacher, the judges, ppo and evaluate generate with.
 
 Everything sampled here comes from a distribution the code can name and score again:
-- `Sampling` holds our keys (temperature, top-p, top-k) and nothing else. The model's own
-  generation_config.json (Qwen2.5 ships repetition_penalty 1.05, others no_repeat_ngram_size, bad words,
-  min_new_tokens) is set aside while we generate, so none of its processors reshapes the distribution.
+- `Sampling` holds our keys (temperature, top-p, top-k) and nothing else. `generate` is our own decode
+  loop and never reads the model's generation_config.json (Qwen2.5 ships repetition_penalty 1.05, others
+  no_repeat_ngram_size, bad words, min_new_tokens), so none of its processors reshapes the distribution.
 - `sampling_scores` is that distribution's logits: the ppo stage computes its old, new and reference
   log-probs with the same function.
 - Generation stops at every EOS id of the model (rlhf.chat_format.ChatFormat.eos_ids).
@@ -11,12 +11,11 @@ Everything sampled here comes from a distribution the code can name and score ag
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation import utils as generation_utils
 
 from rlhf.chat_format import ChatFormat
@@ -101,26 +100,67 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids, mask
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """What `generate` returns: [B, W + T] sequences (the prompts, then T sampled columns, padded after a
+    row's EOS) and, when asked for, each step's raw [B, V] float32 logits (zeros for rows already done)."""
+
+    sequences: torch.Tensor
+    logits: tuple[torch.Tensor, ...] = ()
+
+
+@torch.no_grad()
 def generate(model, chat: ChatFormat, input_ids, attention_mask, sampling: Sampling, max_new_tokens: int,
-             first: tuple = (), with_logits: bool = False):
-    """model.generate with our settings alone, stopping at every EOS id. `first`: logits processors to run
-    before sampling. with_logits: also return the raw logits of every step (the model's own, before any
-    processor), as `output.logits`; otherwise the [B, W + T] sequences."""
+             first: tuple = (), with_logits: bool = False) -> Decoded:
+    """Sample up to `max_new_tokens` after each left-padded prompt with our settings alone, stopping a row at
+    any EOS id. `first`: logits processors to run before sampling. with_logits: keep each step's logits (the
+    model's own, before any processor).
+
+    transformers' generate samples the same tokens (up to float rounding: the batch shapes differ, so a near-tie
+    can go either way, tests/test_generation.py), but it runs every row until the last one ends: with
+    half of the answers ending before max_new_tokens, a batch spends much of its time on rows already done.
+    Here a row leaves the batch (and its KV cache) at its EOS. Processors and the sampler still see all B
+    rows, the finished ones as zero logits, so each row draws the same random numbers as in a batch that
+    never shrinks. The model's generation_config.json is never read: nothing reshapes the distribution."""
     processors = LogitsProcessorList([*first, *([] if sampling.greedy else [SampleFrom(sampling)])])
-    config = GenerationConfig(
-        do_sample=False,  # SampleFrom has already chosen the token: generate takes the argmax
-        max_new_tokens=max_new_tokens,
-        eos_token_id=list(chat.eos_ids),
-        pad_token_id=chat.tokenizer.pad_token_id,
-        output_logits=with_logits,
-        return_dict_in_generate=with_logits,
-    )
+    rows, width = input_ids.shape
+    eos = torch.tensor(chat.eos_ids, device=input_ids.device)
+    pad = chat.tokenizer.pad_token_id
+    sequences = torch.full((rows, width + max_new_tokens), pad, dtype=input_ids.dtype, device=input_ids.device)
+    sequences[:, :width] = input_ids
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
     cache = shared_prompt_cache(model, input_ids, attention_mask)
-    with only_our_generation_config(model):
-        return model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors,
-            **({CACHE_ARGUMENT: cache} if cache is not None else {}),
-        )
+    start = 0 if cache is None else width - 1  # with a shared prefill, each row's last prompt token runs next
+    output = model(input_ids=input_ids[:, start:], attention_mask=attention_mask, position_ids=positions[:, start:],
+                   use_cache=True, logits_to_keep=1, **({CACHE_ARGUMENT: cache} if cache is not None else {}))
+    active = torch.arange(rows, device=input_ids.device)  # the rows still sampling, in the cache's row order
+    mask, position = attention_mask, positions[:, -1:]
+    steps: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        # 1. The active rows' next-token logits into all B rows.
+        logits = output.logits.new_zeros((rows, output.logits.shape[-1]), dtype=torch.float32)
+        logits[active] = output.logits[:, -1].float()
+        if with_logits:
+            steps.append(logits)
+        # 2. Sample for every row (the processors expect whole batches); keep the active rows' tokens.
+        scores = processors(sequences[:, : width + step], logits.clone())
+        tokens = scores.argmax(-1)[active]
+        sequences[active, width + step] = tokens
+        # 3. Rows that sampled an EOS leave the batch and the cache.
+        going_on = ~torch.isin(tokens, eos)
+        if not going_on.any() or step == max_new_tokens - 1:
+            break
+        cache = output[CACHE_ARGUMENT]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        position = position + 1
+        if not going_on.all():
+            keep = going_on.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            active, mask, position, tokens = active[keep], mask[keep], position[keep], tokens[keep]
+        # 4. One forward for the rows still going.
+        output = model(input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
+                       logits_to_keep=1, **{CACHE_ARGUMENT: cache})
+    return Decoded(sequences[:, : width + step + 1], tuple(steps))
 
 
 def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -166,19 +206,6 @@ def checkpointing(model) -> bool:
     return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
 
 
-@contextlib.contextmanager
-def only_our_generation_config(model):
-    """Sets the model's generation_config.json aside: transformers fills every key we leave unset from it
-    (repetition_penalty, no_repeat_ngram_size, bad_words_ids, suppress_tokens, min_length, ...)."""
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's transformers model
-    saved = target.generation_config
-    target.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        target.generation_config = saved
-
-
 @torch.no_grad()
 def generate_chat(
     model,
@@ -212,7 +239,7 @@ def generate_chat(
             input_ids, attention_mask = left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, device)
             torch.manual_seed(seed + start)
             output = generate(model, chat, input_ids, attention_mask, sampling, max_new_tokens)
-            for i, tokens in zip(batch, output[:, input_ids.shape[1] :]):
+            for i, tokens in zip(batch, output.sequences[:, input_ids.shape[1] :]):
                 ends = torch.isin(tokens, eos).nonzero()
                 cut = tokens[: ends[0, 0]] if len(ends) else tokens
                 replies[i] = Generation(tokenizer.decode(cut, skip_special_tokens=True).strip(), bool(len(ends)))

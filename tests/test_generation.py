@@ -1,5 +1,5 @@
-"""Sampling: our inverse-CDF sampler draws from the same distribution as torch.multinomial, and the
-decoding settings reach generate() as configured."""
+"""Sampling: our inverse-CDF sampler draws from the same distribution as torch.multinomial, our decode loop
+samples what transformers' generate samples, and the decoding settings reach it as configured."""
 
 import pytest
 import torch
@@ -7,6 +7,8 @@ import torch
 from rlhf.config import ModelConfig
 from rlhf.generation import SampleFrom, Sampling, generate_chat
 from rlhf.models import load_causal_lm, load_tokenizer, resolve_model
+
+from families import FAMILIES, build_family_model
 
 
 def test_inverse_cdf_sampler_draws_tokens_at_their_softmax_probabilities():
@@ -64,3 +66,65 @@ def test_a_prompt_repeated_in_a_batch_is_prefilled_once_with_the_same_logits():
     for row, plain_row in ((0, 0), (1, 1), (2, 0), (3, 0)):
         assert torch.equal(shared_tokens[row], plain_tokens[plain_row])
         assert torch.allclose(shared_logits[row], plain_logits[plain_row], atol=1e-5)
+
+
+class EndRowsAt:
+    """A logits processor that makes row r sample an EOS at its step `ends[r]`: tiny random models
+    rarely draw one by themselves, and the decode loop's point is what happens after a row ends."""
+
+    def __init__(self, width: int, eos_id: int, ends: dict[int, int]):
+        self.width, self.eos_id, self.ends = width, eos_id, ends
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.width
+        for row, end in self.ends.items():
+            if step == end:
+                scores[row] = float("-inf")
+                scores[row, self.eos_id] = 0.0
+        return scores
+
+
+def transformers_generate(model, chat, ids, mask, sampling: Sampling, max_new_tokens: int, first=()) -> torch.Tensor:
+    """The reference: transformers' own generate, with our sampler as its only processor and the model's
+    generation_config.json set aside, so only the decode loop differs from rlhf.generation.generate."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(chat.eos_ids),
+                              pad_token_id=chat.tokenizer.pad_token_id)
+    processors = LogitsProcessorList([*first, *([] if sampling.greedy else [SampleFrom(sampling)])])
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors)
+    finally:
+        model.generation_config = saved
+
+
+@pytest.mark.parametrize("family", ["tiny-random-llama", *FAMILIES])
+def test_our_decode_loop_samples_the_tokens_transformers_generate_samples_and_drops_finished_rows(family, tmp_path):
+    from rlhf.chat_format import ChatFormat
+    from rlhf.generation import generate, left_pad
+
+    path = resolve_model(family) if family == "tiny-random-llama" else str(build_family_model(family, tmp_path / family))
+    model, tokenizer = load_causal_lm(path, ModelConfig(name_or_path=path)).eval(), load_tokenizer(path)
+    chat = ChatFormat.of(tokenizer, model)
+    texts = ["hi", "write a short tip on tea", "name a colour", "hello there, how are you", "hi", "list two fruits"]
+    ids, mask = left_pad([chat.prompt_ids([{"role": "user", "content": t}]) for t in texts], tokenizer.pad_token_id, "cpu")
+    rows_per_forward = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows_per_forward.append(args[0].shape[0]))
+    # Rows end at steps 2, 5 and 9 (one of them on a repeated prompt); the others run on, or end by themselves.
+    first = (EndRowsAt(ids.shape[1], chat.eos_ids[-1], {4: 2, 1: 5, 2: 9}),)
+    for sampling in (Sampling(0.0), Sampling(1.0), Sampling(0.7, top_p=0.9, top_k=20)):
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            expected = transformers_generate(model, chat, ids, mask, sampling, 24, first)
+            rows_per_forward.clear()
+            torch.manual_seed(seed)
+            ours = generate(model, chat, ids, mask, sampling, 24, first=first).sequences
+            assert torch.equal(ours, expected), (family, sampling, seed)
+            # A row that sampled an EOS is no longer in the decode forwards.
+            done = torch.isin(ours[:, ids.shape[1]:], torch.tensor(chat.eos_ids)).cumsum(1).clamp(max=1)
+            active_after = (1 - done).sum(0).tolist()
+            assert rows_per_forward[:2] == [5, 6]  # the prefill: "hi" twice, so 5 distinct prompts, then each last token
+            assert rows_per_forward[2:] == active_after[: len(rows_per_forward) - 2]
+            assert active_after[9] <= len(texts) - 3
+    hook.remove()
