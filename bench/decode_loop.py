@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,9 @@ from rlhf.config import ModelConfig, load_config
 from rlhf.data_builders.json_files import read_conversations
 from rlhf.generation import SampleFrom, Sampling, generate, left_pad
 from rlhf.models import load_causal_lm, load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as h  # noqa: E402
 
 
 def transformers_loop(model, chat: ChatFormat, ids, mask, sampling: Sampling, max_new_tokens: int, first=()) -> torch.Tensor:
@@ -85,6 +89,8 @@ def main() -> None:
     prompts = [m[:-1] for m in read_conversations(args.run_dir / "instructions" / "eval.jsonl")][: settings.num_prompts]
     dirs = {"sft": args.run_dir / "sft" / "merged", "ppo": args.run_dir / "export" / "model"}
     names = ["sft", "ppo"] if args.model == "both" else [args.model]
+    print(f"{h.cpu_info()}; {torch.get_num_threads()} threads; load {h.loadavg()}", flush=True)
+    print(h.code_state("pipeline/generation.py", "bench/decode_loop.py"), flush=True)
     totals = {"transformers": 0.0, "ours": 0.0}
     for name in names:
         tokenizer = load_tokenizer(str(dirs[name]))
@@ -113,6 +119,7 @@ def main() -> None:
             median = statistics.median(seconds)
             totals[loop] += median
             print(f"  {loop:12s} {median:7.1f} s  ({', '.join(f'{s:.1f}' for s in seconds)})", flush=True)
+    print(f"load after: {h.loadavg()}")
     print(f"time_ratio={totals['ours'] / totals['transformers']:.3f}")
 
 
