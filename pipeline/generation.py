@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import DynamicLayer
 from transformers.generation import utils as generation_utils
 
 from rlhf.chat_format import ChatFormat
@@ -71,25 +72,38 @@ def sampling_scores(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return flat.reshape(scores.shape)
 
 
-class SampleFrom(LogitsProcessor):
-    """Draws the next token from softmax(sampling_scores(logits)) and hands generate() a score row that is 0
-    at that token and -inf elsewhere, for generate's greedy step to take.
+def draw_tokens(scores: torch.Tensor, sampling: Sampling, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """[R, V] raw logits and [R, 1] float64 uniform draws -> [R] tokens sampled from
+    softmax(sampling_scores(logits)) by inverse CDF (greedy: the argmax, no draw used).
 
-    Why not generate's own sampling: torch.multinomial draws one exponential variate per vocabulary
-    entry, a sizeable share of a CPU decode step with a 49k vocabulary; inverse-CDF sampling needs one
-    uniform per row (figures in the README, "Benchmarks"). Same distribution: the
-    token is the first whose cumulative probability exceeds a uniform draw (float64 sums)."""
+    Why not torch.multinomial: it draws one exponential variate per vocabulary entry, a sizeable share of
+    a CPU decode step with a 49k vocabulary; inverse CDF needs one uniform per row (figures in the README,
+    "Benchmarks"). Same distribution: the token is the first whose cumulative probability exceeds the
+    draw (float64 sums)."""
+    if sampling.greedy:
+        return scores.argmax(-1)
+    cdf = torch.softmax(sampling_scores(scores, sampling).double(), dim=-1).cumsum(dim=-1)
+    if not torch.isfinite(cdf[:, -1]).all():  # as torch.multinomial refuses them
+        raise ValueError("sampling: the next-token scores of a row are nan or all -inf")
+    return torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp_(max=scores.shape[-1] - 1).squeeze(1)
+
+
+def uniforms_for(rows: int, device) -> torch.Tensor:
+    """One decode step's [rows, 1] float64 draws: one per row of the batch, ended rows included, so that a row
+    draws the same numbers whichever rows are still going."""
+    return torch.rand(rows, 1, dtype=torch.float64, device=device)
+
+
+class SampleFrom(LogitsProcessor):
+    """`draw_tokens` as a logits processor for transformers' generate (what our decode loop is tested
+    against): a score row that is 0 at the drawn token and -inf elsewhere, for generate's greedy step."""
 
     def __init__(self, sampling: Sampling):
         self.sampling = sampling
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        cdf = torch.softmax(sampling_scores(scores, self.sampling).double(), dim=-1).cumsum(dim=-1)
-        if not torch.isfinite(cdf[:, -1]).all():  # as torch.multinomial refuses them
-            raise ValueError("sampling: the next-token scores of a row are nan or all -inf")
-        draw = torch.rand(scores.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-        tokens = torch.searchsorted(cdf, draw, right=True).clamp_(max=scores.shape[-1] - 1)
-        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+        tokens = draw_tokens(scores, self.sampling, None if self.sampling.greedy else uniforms_for(scores.shape[0], scores.device))
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens.unsqueeze(1), 0.0)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,10 +133,11 @@ def generate(model, chat: ChatFormat, input_ids, attention_mask, sampling: Sampl
     transformers' generate samples the same tokens (up to float rounding: the batch shapes differ, so a near-tie
     can go either way, tests/test_generation.py), but it runs every row until the last one ends: with
     half of the answers ending before max_new_tokens, a batch spends much of its time on rows already done.
-    Here a row leaves the batch (and its KV cache) at its EOS. Processors and the sampler still see all B
-    rows, the finished ones as zero logits, so each row draws the same random numbers as in a batch that
-    never shrinks. The model's generation_config.json is never read: nothing reshapes the distribution."""
-    processors = LogitsProcessorList([*first, *([] if sampling.greedy else [SampleFrom(sampling)])])
+    Here a row leaves the batch (and its KV cache) at its EOS. Processors still see all B rows, the finished
+    ones as zero logits, and every row draws its uniform at every step, so each row draws the same random
+    numbers as in a batch that never shrinks; the softmax and its CDF are computed for the active rows only.
+    The model's generation_config.json is never read: nothing reshapes the distribution."""
+    processors = LogitsProcessorList(first)
     rows, width = input_ids.shape
     eos = torch.tensor(chat.eos_ids, device=input_ids.device)
     pad = chat.tokenizer.pad_token_id
@@ -133,18 +148,22 @@ def generate(model, chat: ChatFormat, input_ids, attention_mask, sampling: Sampl
     start = 0 if cache is None else width - 1  # with a shared prefill, each row's last prompt token runs next
     output = model(input_ids=input_ids[:, start:], attention_mask=attention_mask, position_ids=positions[:, start:],
                    use_cache=True, logits_to_keep=1, **({CACHE_ARGUMENT: cache} if cache is not None else {}))
+    reserve_room(output[CACHE_ARGUMENT], max_new_tokens)
     active = torch.arange(rows, device=input_ids.device)  # the rows still sampling, in the cache's row order
     mask, position = attention_mask, positions[:, -1:]
     steps: list[torch.Tensor] = []
     for step in range(max_new_tokens):
-        # 1. The active rows' next-token logits into all B rows.
-        logits = output.logits.new_zeros((rows, output.logits.shape[-1]), dtype=torch.float32)
-        logits[active] = output.logits[:, -1].float()
-        if with_logits:
-            steps.append(logits)
-        # 2. Sample for every row (the processors expect whole batches); keep the active rows' tokens.
-        scores = processors(sequences[:, : width + step], logits.clone())
-        tokens = scores.argmax(-1)[active]
+        # 1. The active rows' next-token logits; in all B rows (zeros for ended ones) where kept or processed.
+        logits = output.logits[:, -1].float()
+        if with_logits or first:
+            every_row = logits.new_zeros((rows, logits.shape[-1]))
+            every_row[active] = logits
+            if with_logits:
+                steps.append(every_row)
+            if first:  # processors expect whole batches
+                logits = processors(sequences[:, : width + step], every_row.clone())[active]
+        # 2. Sample the active rows' tokens (every row draws its uniform: the same stream as a batch that never shrinks).
+        tokens = draw_tokens(logits, sampling, None if sampling.greedy else uniforms_for(rows, logits.device)[active])
         sequences[active, width + step] = tokens
         # 3. Rows that sampled an EOS leave the batch and the cache.
         going_on = ~torch.isin(tokens, eos)
@@ -161,6 +180,50 @@ def generate(model, chat: ChatFormat, input_ids, attention_mask, sampling: Sampl
         output = model(input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
                        logits_to_keep=1, **{CACHE_ARGUMENT: cache})
     return Decoded(sequences[:, : width + step + 1], tuple(steps))
+
+
+class ReservedLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in buffers with room for `room` more positions: each decode
+    step writes its one position in place, where DynamicLayer's torch.cat copies the whole cache at every
+    token. `keys` and `values` are views of the filled part, so attention reads exactly what DynamicLayer
+    would hand it."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        self.device, self.is_initialized = keys.device, True
+        self.length = keys.shape[-2]
+        shape = (*keys.shape[:-2], self.length + room, keys.shape[-1])
+        self.key_buffer, self.value_buffer = keys.new_empty(shape), values.new_empty(shape[:-1] + values.shape[-1:])
+        self.key_buffer[..., : self.length, :] = keys
+        self.value_buffer[..., : self.length, :] = values
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2]:  # past the room reserved: grow as DynamicLayer does
+            self.key_buffer = torch.cat([self.keys, key_states], dim=-2)
+            self.value_buffer = torch.cat([self.values, value_states], dim=-2)
+        else:
+            self.key_buffer[..., self.length : end, :] = key_states
+            self.value_buffer[..., self.length : end, :] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self._views()
+
+
+def reserve_room(cache, room: int) -> None:
+    """Turn each plain DynamicLayer of a prefilled cache into a ReservedLayer with `room` more positions
+    (sliding-window and other layer kinds keep their own update rules)."""
+    for i, layer in enumerate(getattr(cache, "layers", ())):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
+            cache.layers[i] = ReservedLayer(layer.keys, layer.values, room)
 
 
 def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):

@@ -128,3 +128,50 @@ def test_our_decode_loop_samples_the_tokens_transformers_generate_samples_and_dr
             assert rows_per_forward[2:] == active_after[: len(rows_per_forward) - 2]
             assert active_after[9] <= len(texts) - 3
     hook.remove()
+
+
+def test_reserved_cache_layer_writes_in_place_what_dynamic_layer_concatenates():
+    from transformers.cache_utils import DynamicLayer
+
+    from rlhf.generation import ReservedLayer
+
+    torch.manual_seed(0)
+    prefill = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    plain, reserved = DynamicLayer(), ReservedLayer(*prefill, room=2)
+    plain.update(*prefill)
+    buffer = reserved.key_buffer.data_ptr()
+    for step in range(4):  # two steps within the room, then two past it
+        new = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+        for ours, theirs in zip(reserved.update(*new), plain.update(*new)):
+            assert torch.equal(ours, theirs)
+        assert reserved.get_seq_length() == plain.get_seq_length() == 6 + step
+        if step < 2:
+            assert reserved.key_buffer.data_ptr() == buffer  # written in place, not copied
+    keep = torch.tensor([2, 0])
+    reserved.batch_select_indices(keep)
+    plain.batch_select_indices(keep)
+    assert torch.equal(reserved.keys, plain.keys) and torch.equal(reserved.values, plain.values)
+
+
+def test_decode_steps_run_on_a_cache_with_room_reserved_for_the_new_tokens():
+    from rlhf.chat_format import ChatFormat
+    from rlhf.generation import ReservedLayer, generate, left_pad
+
+    path = resolve_model("tiny-random-llama")
+    model, tokenizer = load_causal_lm(path, ModelConfig(name_or_path=path)).eval(), load_tokenizer(path)
+    chat = ChatFormat.of(tokenizer, model)
+    ids, mask = left_pad([chat.prompt_ids([{"role": "user", "content": t}]) for t in ("hi", "name a colour")], tokenizer.pad_token_id, "cpu")
+    seen = []
+
+    def record(module, args, kwargs):
+        cache = next((v for k, v in kwargs.items() if k in ("cache", "past_key_values") and v is not None), None)
+        if cache is not None:
+            seen.append((kwargs["input_ids"].shape[1], {type(layer) for layer in cache.layers},
+                         {layer.key_buffer.shape[-2] for layer in cache.layers if isinstance(layer, ReservedLayer)}))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        generate(model, chat, ids, mask, Sampling(0.0), max_new_tokens=5)
+    hook.remove()
+    assert len(seen) == 4 and all(columns == 1 for columns, _, _ in seen)  # the prefill had no cache yet
+    assert all(kinds == {ReservedLayer} and sizes == {ids.shape[1] + 5} for _, kinds, sizes in seen)
