@@ -6,7 +6,7 @@
     python bench/profile_stages.py run.prof --top 25   # plus each stage's 25 heaviest frames
 
 A sample belongs to the stage whose `run` (stages/<name>.py) is on its stack. Per stage: its samples, and
-the share of them whose stack passes through each frame of FRAMES (inclusive shares: they overlap).
+the share of them whose stack passes through each frame FRAMES matches (inclusive shares: they overlap).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import collections
 import re
 
 FRAMES = {
-    "in `nn.Linear.forward`": "Linear.forward (torch/nn/modules/linear.py",
-    "in autograd backward": "_engine_run_backward",
-    "in attention (sdpa)": "sdpa_attention_forward",
-    "in `generate`": "GenerationMixin.generate",
+    "in `nn.Linear.forward`": re.compile(r"Linear\.forward \(torch/nn/modules/linear\.py"),
+    "in autograd backward": re.compile("_engine_run_backward"),
+    "in attention (sdpa)": re.compile("sdpa_attention_forward"),
+    # the decode loop, rlhf.generation.generate (transformers' GenerationMixin.generate before 2da591e)
+    "in `generate`": re.compile(r"(?:^|;)generate \((?:.*/)?(?:pipeline|rlhf)/generation\.py|GenerationMixin\.generate"),
 }
 STAGE = re.compile(r"\brun \((?:.*/)?stages/(\w+)\.py:\d+\)")
 
@@ -44,7 +45,7 @@ def main(argv=None) -> None:
         totals[stage] += count
         stack = ";".join(frames)
         for name, pattern in FRAMES.items():
-            if pattern in stack:
+            if pattern.search(stack):
                 hits[stage][name] += count
         if args.top:
             for frame in {re.sub(r":\d+\)", ")", f) for f in frames}:
