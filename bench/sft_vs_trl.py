@@ -6,7 +6,7 @@
 
 Three implementations, each run in its own process (this project's environment and its TRL):
 - ours: `rlhf.stages.sft.run` itself on a prepared run directory (the shipped seed instructions as
-  the train split). Its trainer is `SFTTrainerPlainLossOnCPU`, an SFTTrainer subclass that on the
+  the train split). Its trainer is `SFTTrainerOnCPU`, an SFTTrainer subclass that on the
   CPU takes the model's own cross-entropy instead of TRL's tiled LM-head loss.
 - trl: `trl.SFTTrainer` as a user would call it, with the same SFTConfig values (batch, max_length,
   steps, learning rate and schedule, seed, completion-only loss, LoRA via `peft_config`, fp32 on the
@@ -132,13 +132,13 @@ def child_ours(args, work: Path) -> dict:
     from rlhf.stages import sft
 
     marks: list[tuple[float, float]] = []
-    stage_trainer = sft.SFTTrainerPlainLossOnCPU
+    stage_trainer = sft.SFTTrainerOnCPU
 
     class Timed(stage_trainer):  # the stage's own trainer, plus a timing callback
         def __init__(self, *a, callbacks=None, **k):
             super().__init__(*a, callbacks=[*(callbacks or []), timer_callback(marks)], **k)
 
-    sft.SFTTrainerPlainLossOnCPU = Timed
+    sft.SFTTrainerOnCPU = Timed
     config = load_config(work / "ours.yaml")
     run_dir = Path(config.output_dir)
     shutil.rmtree(run_dir, ignore_errors=True)

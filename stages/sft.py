@@ -6,11 +6,13 @@ the backbone every later stage starts from), `metrics.jsonl` (the training curve
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from datasets import Dataset
 from rich.console import Console
-from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
 from rlhf.data_builders.json_files import read_conversations
@@ -90,7 +92,7 @@ def run(ctx: StageContext) -> dict:
 def build_trainer(config, model, tokenizer, data, checkpoints, history: StageHistory, stop, wandb: bool) -> SFTTrainer:
     """TRL's SFTTrainer with LoRA, the loss on completions only, checkpoints marked complete."""
     args = SFTConfig(**trainer_arguments(config.sft, config, checkpoints, "sft", wandb), completion_only_loss=True)
-    return SFTTrainerPlainLossOnCPU(
+    return SFTTrainerOnCPU(
         model=model,
         args=args,
         train_dataset=data[0],
@@ -102,15 +104,43 @@ def build_trainer(config, model, tokenizer, data, checkpoints, history: StageHis
     )
 
 
-class SFTTrainerPlainLossOnCPU(StopOnNonFinite, SFTTrainer):
-    """TRL computes the loss through a tiled LM head that is fast with Triton on a GPU; its CPU
-    fallback makes a training step many times slower (README, "Benchmarks": bench/sft_vs_trl.py). On the
-    CPU, take the model's own cross-entropy (labels already mask the prompt) instead."""
+class SFTTrainerOnCPU(StopOnNonFinite, SFTTrainer):
+    """TRL computes the loss through a tiled LM head that is fast with Triton on a GPU; its CPU fallback makes
+    a training step many times slower (README, "Benchmarks": bench/sft_vs_trl.py). On the CPU the loss is the
+    model's own cross-entropy (transformers' ForCausalLMLoss: a sum over answer tokens / num_items_in_batch,
+    or their mean), with the LM head run only where a label follows: the prompt's and the padding's logits,
+    a third or more of a batch's positions with a 49k vocabulary, would be computed and thrown away."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.args.use_cpu:
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self.args.use_cpu:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        targets = labels[:, 1:]  # hidden state t predicts token t + 1
+        labelled = targets != -100
+        with lm_head_at(self.accelerator.unwrap_model(model), torch.nn.functional.pad(labelled, (0, 1))):
+            outputs = model(**inputs)
+        logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+        if logits.shape[0] != int(labelled.sum()):  # the model bypassed its head module: select here
+            logits = outputs.logits[:, :-1][labelled]
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[labelled], reduction="mean" if num_items_in_batch is None else "sum")
+        if num_items_in_batch is not None:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices:  # num_items_in_batch counts every process's tokens
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+
+@contextmanager
+def lm_head_at(model, positions: torch.Tensor):
+    """Within it, the model's LM head sees only the hidden states at `positions` ([B, L] bool), as one [1, n, H]
+    row: its logits come out [1, n, V], after whatever the model does to them (Gemma 2's softcapping, Cohere's
+    logit scale)."""
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: (args[0][positions].unsqueeze(0), *args[1:]))
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def count_too_long(tokenizer, max_length: int, **splits: tuple[Dataset, Dataset]) -> dict:

@@ -12,10 +12,10 @@ import torch
 from trl import RewardTrainer
 
 from rlhf.cli import main
-from rlhf.stages.sft import SFTTrainerPlainLossOnCPU
+from rlhf.stages.sft import SFTTrainerOnCPU
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
-TRAINER = {"sft": SFTTrainerPlainLossOnCPU, "reward": RewardTrainer}
+TRAINER = {"sft": SFTTrainerOnCPU, "reward": RewardTrainer}
 
 
 @pytest.fixture(scope="module")
