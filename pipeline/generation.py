@@ -68,8 +68,24 @@ def sampling_scores(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     if sampling.top_k:
         flat = TopKLogitsWarper(sampling.top_k)(None, flat)
     if sampling.top_p < 1:
-        flat = TopPLogitsWarper(sampling.top_p)(None, flat)
+        flat = nucleus(flat, sampling.top_p)
     return flat.reshape(scores.shape)
+
+
+def nucleus(scores: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:
+    """transformers' TopPLogitsWarper on [N, V] scores: a token stays when the tokens more probable than it hold
+    less than `top_p` of the mass (the most probable always stays); the others become -inf. The warper sorts
+    every row whole, most of a CPU sampling step with a 49k vocabulary; here each row's `candidates` most
+    probable tokens are sorted (torch.topk) and their probabilities taken against the whole row's softmax
+    (float64 sums). A row whose candidates hold less than top_p goes through the warper itself."""
+    top, index = scores.topk(min(candidates, scores.shape[-1]), dim=-1)  # descending
+    probs = (top.double() - scores.double().logsumexp(-1, keepdim=True)).exp()
+    before = probs.cumsum(-1) - probs  # the mass of the tokens more probable than each candidate
+    kept = torch.full_like(scores, float("-inf")).scatter_(-1, index, top.masked_fill(before >= top_p, float("-inf")))
+    covered = before[:, -1] + probs[:, -1] >= top_p  # else the nucleus may reach past the candidates
+    if not covered.all():
+        kept[~covered] = TopPLogitsWarper(top_p)(None, scores[~covered])
+    return kept
 
 
 def draw_tokens(scores: torch.Tensor, sampling: Sampling, uniforms: torch.Tensor | None) -> torch.Tensor:

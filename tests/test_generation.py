@@ -175,3 +175,26 @@ def test_decode_steps_run_on_a_cache_with_room_reserved_for_the_new_tokens():
     hook.remove()
     assert len(seen) == 4 and all(columns == 1 for columns, _, _ in seen)  # the prefill had no cache yet
     assert all(kinds == {ReservedLayer} and sizes == {ids.shape[1] + 5} for _, kinds, sizes in seen)
+
+
+@pytest.mark.parametrize("candidates", [16, 1024])  # 16: most rows' nucleus is larger, so the warper itself runs
+def test_nucleus_keeps_the_tokens_transformers_top_p_warper_keeps(candidates):
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    from rlhf.generation import nucleus
+
+    torch.manual_seed(0)
+    rows = [torch.randn(16, 5000) * scale for scale in (0.3, 1.0, 3.0, 8.0)]  # flat to peaked distributions
+    ties = torch.randn(4, 5000)
+    ties[:, :20] = 7.0  # 20 equal scores hold most of the mass: the nucleus boundary falls among them
+    truncated = TopKLogitsWarper(50)(None, torch.randn(4, 5000) * 2)  # -inf outside the top 50, as after top_k
+    scores = torch.cat([*rows, ties, truncated])
+    for top_p in (0.3, 0.9, 0.95):
+        ours, theirs = nucleus(scores, top_p, candidates), TopPLogitsWarper(top_p)(None, scores.clone())
+        # Which of several equal scores make the cut is the sort's choice (neither sort is stable): compare each
+        # row's kept scores as a sorted list; where they are all distinct, that is the same tokens.
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a[~torch.isinf(a)].sort().values, b[~torch.isinf(b)].sort().values), top_p
+        distinct = slice(0, 64)
+        assert torch.equal(torch.isinf(ours[distinct]), torch.isinf(theirs[distinct]))
+    assert ((~torch.isinf(nucleus(scores, 0.95, candidates))).sum(1) > 16).any()  # some nuclei exceed 16 tokens
