@@ -335,10 +335,12 @@ class EvaluateConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     samples_per_prompt: int = Field(4, gt=0)
     """Responses per prompt and model. Means are over every response; the win rate compares each prompt's
-    mean gold score. One sample at temperature > 0 makes it noisy: on the quickstart the same policy's
-    single-sample win rates spread from 0.375 to 0.542 while 8 samples gave 0.667 (README, "Measured")."""
+    mean gold score: with one sample at temperature > 0 it swings with the draw."""
     batch_size: int = Field(16, gt=0)
     """Responses generated at once."""
+    micro_batch_size: int = Field(16, gt=0)
+    """Responses per forward when measuring them (KL to SFT, proxy reward): the stage's peak memory holds
+    one micro-batch's [responses, tokens, vocabulary] logits, whatever batch_size is."""
     judge: Literal["rubric", "llm"] = "rubric"
     """The gold judge: the rubric (with the eval split's reference answer), or a teacher's pairwise verdicts."""
     judge_teacher: TeacherConfig = TeacherConfig(temperature=0.0, max_new_tokens=8)

@@ -168,7 +168,8 @@ def generate_and_measure(ctx: StageContext, examples: list[Example]):
             batch = batches[start : start + settings.batch_size]
             for name in MODELS:
                 torch.manual_seed(config.seed + start)  # the same seed for both models
-                nonfinite += measure_batch(roles, sample(batch, name, config.seed + start), name, sampling, responses[name])
+                rollout = sample(batch, name, config.seed + start)
+                nonfinite += measure_batch(roles, rollout, name, sampling, settings.micro_batch_size, responses[name])
                 progress.update(len(batch))
     if getattr(sample, "engine", None) is not None:
         sample.engine.close()
@@ -197,25 +198,28 @@ def rollout_sampler(ctx: StageContext, roles: Roles, sampling: Sampling, max_new
             return rollout  # its log-probs go unused: SFT's KL to itself is 0
         adapter = "policy" if name == "ppo" else None
         with torch.no_grad():
-            own = in_micro_batches(lambda part: roles.sampled_logprobs(part, sampling, adapter), rollout, len(batch))
+            own = in_micro_batches(lambda part: roles.sampled_logprobs(part, sampling, adapter), rollout, config.evaluate.micro_batch_size)
         return with_trainer_logprobs(rollout, own)[0]
     sample.engine = engine
     return sample
 
 
 @torch.no_grad()
-def measure_batch(roles: Roles, rollout, name: str, sampling: Sampling, into: Responses) -> int:
-    """Append what model `name`'s sampled `rollout` measures to `into`; returns repaired samples."""
+def measure_batch(roles: Roles, rollout, name: str, sampling: Sampling, micro_batch_size: int, into: Responses) -> int:
+    """Append what model `name`'s sampled `rollout` measures to `into`, `micro_batch_size` rows per forward;
+    returns repaired samples."""
     mask, count = rollout.mask, rollout.mask.shape[0]
     if name == "ppo" or sampling.truncated:  # the KL ppo.kl_budget bounds, as ppo measures it
-        kl = ((rollout.logprobs - roles.reference_logprobs(rollout, sampling)) * mask).sum(1).tolist()
+        reference = in_micro_batches(lambda part: roles.reference_logprobs(part, sampling), rollout, micro_batch_size)
+        kl = ((rollout.logprobs - reference) * mask).sum(1).tolist()
     else:
         kl = [0.0] * count  # SFT sampled from its full distribution: log π_sft − log π_sft
     into.text += decode_responses(roles.chat, rollout)
     into.length += mask.sum(1).long().tolist()
     into.finished += rollout.finished.tolist()
     into.kl += kl
-    into.proxy += roles.scores(rollout).tolist() if roles.reward_head is not None else [None] * count
+    proxy = in_micro_batches(roles.scores, rollout, micro_batch_size).tolist() if roles.reward_head is not None else [None] * count
+    into.proxy += proxy
     return rollout.repaired
 
 

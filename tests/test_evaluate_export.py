@@ -137,6 +137,34 @@ def test_several_responses_per_prompt_are_judged_prompt_by_prompt(run_dir, tmp_p
     assert "8 held-out prompts × 3 responses each" in capsys.readouterr().out
 
 
+def test_samples_are_measured_in_micro_batches(run_dir, tmp_path, monkeypatch):
+    """The KL and proxy-reward forwards take evaluate.micro_batch_size rows at a time, not the generation
+    batch (the peak holds one micro-batch's [rows, tokens, vocabulary] logits), and measure the same."""
+    from rlhf.roles import Roles
+
+    rows_seen = []
+    for method in ("reference_logprobs", "scores"):
+        original = getattr(Roles, method)
+
+        def counted(self, rollout, *args, _original=original):
+            rows_seen.append(rollout.input_ids.shape[0])
+            return _original(self, rollout, *args)
+
+        monkeypatch.setattr(Roles, method, counted)
+    reports = {}
+    for micro in (3, 8):
+        copy = tmp_path / f"micro-{micro}"
+        shutil.copytree(run_dir, copy)
+        rows_seen.clear()
+        overrides = ["evaluate.samples_per_prompt=3", "evaluate.batch_size=8", f"evaluate.micro_batch_size={micro}"]
+        assert main(["run", SMOKE, f"output_dir={copy}", "--only", "evaluate", *overrides]) == 0
+        assert max(rows_seen) == micro and sum(rows_seen) == 24 * 3  # ppo's KL, both models' scores
+        reports[micro] = json.loads((copy / "evaluate" / "report.json").read_text())["models"]
+    for name in ("sft", "ppo"):
+        for measure in ("kl", "proxy_reward", "gold_reward", "response_length"):
+            assert reports[3][name][measure] == pytest.approx(reports[8][name][measure], abs=1e-4)
+
+
 def test_plots_are_valid_pngs(run_dir):
     from matplotlib.image import imread
 
