@@ -13,7 +13,7 @@ reports, with the gold judge as the referee:
   and pairs of different outcomes (pairs that gold scores equally are left out).
 A group estimator that divides by the group's std (grpo, `ppo.grpo_scale_by_std: true`) gives a group of
 same-outcome responses advantages as large as a mixed group's; if the proxy orders same-outcome pairs no
-better than chance, that half of the update follows noise. README, "Measured", has the figures.
+better than chance, that half of the update follows noise. docs/measured-history.md has the figures.
 """
 
 from __future__ import annotations
