@@ -14,6 +14,10 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 commit=$1 dir=$2 mode=${3:-}
+case "$mode" in
+  ""|--avx2) ;;
+  *) echo "fresh_quickstart.sh: unknown option '$mode' (expected --avx2 or nothing)" >&2; exit 2 ;;
+esac
 repo=$(cd "$(dirname "$0")/.." && pwd)
 rm -rf "$dir"
 git clone -q "$repo" "$dir"

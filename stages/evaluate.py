@@ -218,8 +218,7 @@ def measure_batch(roles: Roles, rollout, name: str, sampling: Sampling, micro_ba
     into.length += mask.sum(1).long().tolist()
     into.finished += rollout.finished.tolist()
     into.kl += kl
-    proxy = in_micro_batches(roles.scores, rollout, micro_batch_size).tolist() if roles.reward_head is not None else [None] * count
-    into.proxy += proxy
+    into.proxy += in_micro_batches(roles.scores, rollout, micro_batch_size).tolist() if roles.reward_head is not None else [None] * count
     return rollout.repaired
 
 
